@@ -1,0 +1,437 @@
+"""Apply OCI image layers (tar streams) onto a directory tree, safely.
+
+Why not `tarfile.extractall`: it has no whiteout semantics, checks members
+against the filesystem with `realpath` (order-dependent, racy) and has had
+several filter bypasses. Here `tarfile` is only the header parser; every
+filesystem operation is relative to a directory file descriptor, and every
+path is resolved one component at a time inside the root:
+
+* a symlink met while resolving a parent directory is followed *within* the
+  root (an absolute target restarts at the root, `..` stops at the root), so
+  images with `/lib -> usr/lib` work and `x -> /etc` can never reach the host;
+* the final component is never followed: an existing entry there is removed
+  and replaced, as the OCI layer spec's "changeset over existing files" says;
+* names with `..` components are refused: no legitimate image needs them.
+
+Whiteouts (`.wh.<name>`) and opaque markers (`.wh..wh..opq`) hide entries of
+*lower* layers only; entries written earlier in the same layer survive.
+Device nodes and FIFOs are never created (the volume is data, not a root
+filesystem), and setuid/setgid bits are dropped; the mount adds nosuid,nodev.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from csi_oci.errors import InvalidLayer, OutOfSpace
+from csi_oci.streams import CHUNK, Readable
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+MAX_DEPTH = 256
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_IS_ROOT = os.geteuid() == 0
+
+
+@dataclass
+class Limits:
+    """Budgets enforced while streaming; exceeding one refuses the layer."""
+
+    max_bytes: int = 1 << 50
+    max_entries: int = 10_000_000
+
+
+@dataclass
+class ApplyStats:
+    entries: int = 0
+    bytes: int = 0
+    skipped_special: list[str] = field(default_factory=list)
+
+
+def split_member_name(name: str, what: str = "entry") -> list[str]:
+    """Clean a tar member name into path components relative to the root.
+
+    Leading `/` and `./` are dropped (absolute names are rooted at the
+    image root, as in every image tool). `..` is refused.
+    """
+    if "\0" in name:
+        raise InvalidLayer(f"{what} {name!r}: name contains a NUL byte")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise InvalidLayer(f"{what} {name[:64]!r}...: path longer than {MAX_PATH_BYTES} bytes")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    for part in parts:
+        if part == "..":
+            raise InvalidLayer(f"{what} {name!r}: '..' in a path is not allowed")
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise InvalidLayer(f"{what} {name[:64]!r}: a path component is longer than 255 bytes")
+    if len(parts) > MAX_DEPTH:
+        raise InvalidLayer(f"{what} {name[:64]!r}...: deeper than {MAX_DEPTH} directories")
+    return parts
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def resolve_dir(root_fd: int, parts: list[str], *, create: bool) -> int | None:
+    """Open the directory at `parts` inside the root, following symlinks in-root.
+
+    Missing directories are created (0755) when `create`, else None is
+    returned. A component that exists but is not a directory (after
+    in-root symlink resolution) is an InvalidLayer error. The caller closes
+    the returned descriptor.
+    """
+    stack = [os.dup(root_fd)]  # fds of the directories from the root down
+    todo = list(parts)
+    hops = 0
+    try:
+        while todo:
+            name = todo.pop(0)
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            cur = stack[-1]
+            st = _lstat_at(cur, name)
+            if st is None:
+                if not create:
+                    return None
+                os.mkdir(name, 0o755, dir_fd=cur)
+                st = os.stat(name, dir_fd=cur, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise InvalidLayer(
+                        f"too many levels of symbolic links under {'/'.join(parts)!r}"
+                    )
+                target = os.readlink(name, dir_fd=cur)
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                todo = target.split("/") + todo
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidLayer(f"{'/'.join(parts)!r}: {name!r} on the way is not a directory")
+            stack.append(os.open(name, _DIR_FLAGS, dir_fd=cur))
+        return stack.pop()
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def open_in_root(root_fd: int, path: str) -> int | None:
+    """O_PATH descriptor of `path` inside the root (all components resolved in-root).
+
+    Used to bind-mount a subPath: mounting `/proc/self/fd/N` mounts exactly
+    the directory we resolved, so a symlink in the image cannot redirect the
+    mount to a host path. Returns None when the path does not exist.
+    """
+    parts = split_member_name(path, "subPath")
+    fd = resolve_dir(root_fd, parts, create=False)
+    if fd is None:
+        return None
+    try:
+        return os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def remove_at(dir_fd: int, name: str) -> bool:
+    """Remove `name` (file, link or whole directory) without following links."""
+    st = _lstat_at(dir_fd, name)
+    if st is None:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+    return True
+
+
+class LayerApplier:
+    """Applies layers in order onto one root directory."""
+
+    def __init__(self, root_fd: int, limits: Limits | None = None) -> None:
+        self._root = root_fd
+        self._limits = limits or Limits()
+        self._total_bytes = 0
+        self._total_entries = 0
+        self._layers_applied = 0
+
+    def apply(self, stream: Readable, what: str) -> ApplyStats:
+        """Apply one uncompressed tar stream; raises InvalidLayer naming the entry."""
+        layer = _LayerRun(self, what, track_written=self._layers_applied > 0)
+        try:
+            layer.run(stream)
+        except tarfile.TarError as exc:
+            raise InvalidLayer(f"{what}: malformed tar archive: {exc}") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"{what}: no space left on the state directory's disk") from None
+            raise
+        finally:
+            layer.close()
+        self._layers_applied += 1
+        return layer.stats
+
+    def _charge(self, entries: int, nbytes: int, what: str) -> None:
+        self._total_entries += entries
+        self._total_bytes += nbytes
+        if self._total_entries > self._limits.max_entries:
+            raise InvalidLayer(f"{what}: more than {self._limits.max_entries} entries in the image")
+        if self._total_bytes > self._limits.max_bytes:
+            raise InvalidLayer(
+                f"{what}: image unpacks to more than {self._limits.max_bytes} bytes (budget)"
+            )
+
+
+class _LayerRun:
+    """State of applying one layer: parent-dir cache, written set, deferred times."""
+
+    def __init__(self, owner: LayerApplier, what: str, *, track_written: bool) -> None:
+        self.owner = owner
+        self.root = owner._root
+        self.what = what
+        self.track = track_written
+        self.written: set[str] = set()
+        self.dir_times: list[tuple[list[str], float]] = []
+        self.stats = ApplyStats()
+        self._cache_key: tuple[str, ...] | None = None
+        self._cache_fd: int | None = None
+
+    def close(self) -> None:
+        self._drop_cache()
+
+    def _drop_cache(self) -> None:
+        if self._cache_fd is not None:
+            os.close(self._cache_fd)
+        self._cache_key = None
+        self._cache_fd = None
+
+    def _parent(self, parts: list[str]) -> int:
+        """Parent dir fd of `parts`, cached for runs of files in one directory."""
+        key = tuple(parts[:-1])
+        if key != self._cache_key:
+            self._drop_cache()
+            fd = resolve_dir(self.root, list(key), create=True)
+            assert fd is not None
+            self._cache_key, self._cache_fd = key, fd
+        assert self._cache_fd is not None
+        return self._cache_fd
+
+    def run(self, stream: Readable) -> None:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tf:  # type: ignore[call-overload]
+            for member in tf:
+                self._apply_member(tf, member)
+        self._set_dir_times()
+
+    def _apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        where = f"{self.what}: entry {m.name!r}"
+        parts = split_member_name(m.name, f"{self.what}: entry")
+        self.owner._charge(1, m.size if m.isreg() else 0, where)
+        self.stats.entries += 1
+        if not parts:
+            return  # the root itself: never replaced, its metadata is ours
+        base = parts[-1]
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(parts, where)
+            return
+        if m.isreg():
+            self._file(tf, m, parts)
+        elif m.isdir():
+            self._dir(m, parts)
+        elif m.issym():
+            self._symlink(m, parts)
+        elif m.islnk():
+            self._hardlink(m, parts, where)
+        elif m.ischr() or m.isblk() or m.isfifo():
+            self.stats.skipped_special.append(m.name)
+            log.debug("%s: not creating device node or FIFO", where)
+            return
+        else:
+            raise InvalidLayer(f"{where}: unsupported tar entry type {m.type!r}")
+        if self.track:
+            self.written.add("/".join(parts))
+
+    # -- entry kinds -------------------------------------------------------
+
+    def _prepare(self, parts: list[str], *, keep_dir: bool = False) -> tuple[int, str]:
+        """Parent fd and name, with whatever occupies the name removed."""
+        parent = self._parent(parts)
+        name = parts[-1]
+        st = _lstat_at(parent, name)
+        if st is not None and not (keep_dir and stat.S_ISDIR(st.st_mode)):
+            remove_at(parent, name)
+            if stat.S_ISDIR(st.st_mode):
+                # A cached parent below it would now be a deleted directory.
+                parent = self._refresh_parent(parts)
+        return parent, name
+
+    def _refresh_parent(self, parts: list[str]) -> int:
+        self._drop_cache()
+        return self._parent(parts)
+
+    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str]) -> None:
+        parent, name = self._prepare(parts)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o600, dir_fd=parent)
+        try:
+            src = tf.extractfile(m)
+            written = 0
+            if src is not None:
+                while True:
+                    chunk = src.read(CHUNK)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    written += len(chunk)
+            if written != m.size:
+                raise InvalidLayer(f"{self.what}: entry {m.name!r} is truncated")
+            self.stats.bytes += written
+            self._meta_fd(fd, m)
+        finally:
+            os.close(fd)
+
+    def _dir(self, m: tarfile.TarInfo, parts: list[str]) -> None:
+        parent, name = self._prepare(parts, keep_dir=True)
+        if _lstat_at(parent, name) is None:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        try:
+            if _IS_ROOT:
+                os.fchown(fd, m.uid, m.gid)
+            os.fchmod(fd, m.mode & 0o1777)
+        finally:
+            os.close(fd)
+        self.dir_times.append((parts, m.mtime))
+
+    def _symlink(self, m: tarfile.TarInfo, parts: list[str]) -> None:
+        parent, name = self._prepare(parts)
+        # The target is stored verbatim: it is only ever followed in-root by us,
+        # and by the pod inside its own mount namespace.
+        os.symlink(m.linkname, name, dir_fd=parent)
+        if _IS_ROOT:
+            os.chown(name, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
+        with contextlib.suppress(OSError):
+            os.utime(name, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
+
+    def _hardlink(self, m: tarfile.TarInfo, parts: list[str], where: str) -> None:
+        target_parts = split_member_name(m.linkname, f"{where}: link target")
+        if not target_parts:
+            raise InvalidLayer(f"{where}: hard link to the root directory")
+        tparent = resolve_dir(self.root, target_parts[:-1], create=False)
+        if tparent is None:
+            raise InvalidLayer(f"{where}: hard link target {m.linkname!r} does not exist")
+        try:
+            tst = _lstat_at(tparent, target_parts[-1])
+            if tst is None:
+                raise InvalidLayer(f"{where}: hard link target {m.linkname!r} does not exist")
+            if stat.S_ISDIR(tst.st_mode):
+                raise InvalidLayer(f"{where}: hard link target {m.linkname!r} is a directory")
+            parent, name = self._prepare(parts)
+            if target_parts == parts:
+                return
+            os.link(
+                target_parts[-1], name, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False
+            )
+        finally:
+            os.close(tparent)
+
+    def _whiteout(self, parts: list[str], where: str) -> None:
+        base = parts[-1]
+        self._drop_cache()
+        if base == OPAQUE_MARKER:
+            self._opaque(parts[:-1])
+            return
+        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            return  # other AUFS metadata (.wh..wh.plnk etc.): not content
+        hidden = base[len(WHITEOUT_PREFIX) :]
+        if hidden in ("", ".", "..") or "/" in hidden:
+            raise InvalidLayer(f"{where}: invalid whiteout name")
+        if not self.track:
+            return  # first layer: nothing lower to hide
+        target = "/".join([*parts[:-1], hidden])
+        if target in self.written:
+            return  # only lower layers are hidden
+        parent = resolve_dir(self.root, parts[:-1], create=False)
+        if parent is None:
+            return
+        try:
+            remove_at(parent, hidden)
+        finally:
+            os.close(parent)
+
+    def _opaque(self, dir_parts: list[str]) -> None:
+        if not self.track:
+            return
+        fd = resolve_dir(self.root, dir_parts, create=True)
+        assert fd is not None
+        try:
+            self._clear_lower(fd, "/".join(dir_parts))
+        finally:
+            os.close(fd)
+
+    def _clear_lower(self, dir_fd: int, prefix: str) -> None:
+        """Remove what lower layers put under a directory, keep this layer's."""
+        for name in os.listdir(dir_fd):
+            path = f"{prefix}/{name}" if prefix else name
+            if path not in self.written:
+                remove_at(dir_fd, name)
+                continue
+            st = _lstat_at(dir_fd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    self._clear_lower(sub, path)
+                finally:
+                    os.close(sub)
+
+    # -- metadata ------------------------------------------------------------
+
+    def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+        if _IS_ROOT:
+            os.fchown(fd, m.uid, m.gid)
+        # setuid/setgid never survive (chown above would clear them anyway).
+        os.fchmod(fd, m.mode & 0o1777)
+        os.utime(fd, (m.mtime, m.mtime))
+
+    def _set_dir_times(self) -> None:
+        self._drop_cache()
+        for parts, mtime in reversed(self.dir_times):
+            parent = resolve_dir(self.root, parts[:-1], create=False)
+            if parent is None:
+                continue
+            try:
+                with contextlib.suppress(OSError):
+                    os.utime(parts[-1], (mtime, mtime), dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(parent)
+
+
+def iter_tree(root: str) -> Iterator[str]:
+    """Relative paths of everything under `root` (for tests and diagnostics)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in dirnames + filenames:
+            yield os.path.normpath(os.path.join(rel, name))

@@ -1,0 +1,201 @@
+"""Command line: `csi-oci serve | pull | mount | umount`.
+
+`pull`, `mount` and `umount` run the same store, puller and volume code as
+the CSI server, so what works here works under kubelet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from csi_oci import __version__
+from csi_oci.attributes import (
+    KEY_IMAGE,
+    KEY_MODE,
+    KEY_PLATFORM,
+    KEY_PULL_POLICY,
+    KEY_SUB_PATH,
+    parse_volume_attributes,
+)
+from csi_oci.errors import CsiOciError
+from csi_oci.puller import Puller
+from csi_oci.server import ServeOptions, build_node_parts, serve
+
+DEFAULT_STATE_DIR = "/var/lib/csi-oci"
+DEFAULT_DRIVER_NAME = "oci.csi.dev"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="csi-oci", description="CSI driver for OCI images and artifacts as volumes"
+    )
+    p.add_argument("--version", action="version", version=f"csi-oci {__version__}")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("CSI_OCI_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("CSI_OCI_STATE_DIR", DEFAULT_STATE_DIR)),
+        help="node cache and volume records (default %(default)s)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the CSI gRPC server")
+    s.add_argument(
+        "--endpoint",
+        default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+        help="unix socket (default $CSI_ENDPOINT or %(default)s)",
+    )
+    s.add_argument("--node-id", default=os.environ.get("NODE_ID") or socket.gethostname())
+    s.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    s.add_argument("--mode", choices=["node", "controller", "all"], default="node")
+    s.add_argument(
+        "--publish-wait",
+        type=float,
+        default=90.0,
+        help="seconds NodePublishVolume waits for a pull before answering ABORTED "
+        "with progress (kubelet's call budget is 120 s)",
+    )
+
+    def add_volume_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--pull-policy", choices=["Always", "IfNotPresent", "Never"])
+        sp.add_argument("--platform", help="os/arch[/variant] (default: this node's)")
+
+    pl = sub.add_parser("pull", help="pull an image into the node store")
+    pl.add_argument("image")
+    add_volume_flags(pl)
+
+    m = sub.add_parser("mount", help="publish an image read-only at DIR")
+    m.add_argument("image")
+    m.add_argument("dir", type=Path)
+    m.add_argument("--mode", choices=["auto", "unpack", "lazy"], default="auto")
+    m.add_argument("--sub-path", default="")
+    add_volume_flags(m)
+
+    u = sub.add_parser("umount", help="unpublish what `mount` published at DIR")
+    u.add_argument("dir", type=Path)
+    return p
+
+
+def _attrs(args: argparse.Namespace) -> dict[str, str]:
+    attrs = {KEY_IMAGE: args.image}
+    if getattr(args, "pull_policy", None):
+        attrs[KEY_PULL_POLICY] = args.pull_policy
+    if getattr(args, "platform", None):
+        attrs[KEY_PLATFORM] = args.platform
+    if getattr(args, "mode", None):
+        attrs[KEY_MODE] = args.mode
+    if getattr(args, "sub_path", None):
+        attrs[KEY_SUB_PATH] = args.sub_path
+    return attrs
+
+
+def _with_progress(puller: Puller, work: threading.Thread) -> None:
+    """Run `work`, drawing a progress bar on a terminal while pulls are active."""
+    work.start()
+    tty = sys.stderr.isatty()
+    drawn = False
+    while work.is_alive():
+        work.join(0.2)
+        jobs = puller.active_jobs()
+        if tty and jobs:
+            prog = jobs[0].progress
+            frac = prog.done / prog.total if prog.total else 0.0
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r[{bar:<30}] {prog.describe()}  ")
+            sys.stderr.flush()
+            drawn = True
+    if drawn:
+        sys.stderr.write("\n")
+
+
+def _cli_volume_id(target: Path) -> str:
+    return "cli-" + hashlib.sha256(str(target).encode()).hexdigest()[:32]
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return serve(
+            ServeOptions(
+                args.endpoint,
+                args.node_id,
+                args.state_dir,
+                args.driver_name,
+                args.mode,
+                args.publish_wait,
+            )
+        )
+    parts = build_node_parts(args.state_dir, publish_wait=float("inf"))
+    result: dict[str, object] = {}
+
+    def guarded(fn: object) -> threading.Thread:
+        def body() -> None:
+            try:
+                result["value"] = fn()  # type: ignore[operator]
+            except BaseException as exc:
+                result["error"] = exc
+
+        return threading.Thread(target=body, daemon=True)
+
+    if args.command == "pull":
+        spec = parse_volume_attributes(_attrs(args))
+
+        def do_pull() -> object:
+            resolved = parts.puller.resolve(spec.reference, spec.platform, spec.pull_policy, None)
+            parts.puller.ensure(resolved, spec.platform, None)
+            return resolved.digest
+
+        _with_progress(parts.puller, guarded(do_pull))
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        print(f"{spec.reference} -> {result['value']}")
+        print(parts.store.tree(str(result["value"])))
+        return 0
+    if args.command == "mount":
+        spec = parse_volume_attributes(_attrs(args))
+        target = args.dir.absolute()
+        vid = _cli_volume_id(target)
+        _with_progress(
+            parts.puller,
+            guarded(lambda: parts.volumes.publish(vid, str(target), spec, None, wait=None)),
+        )
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        print(f"mounted {spec.reference} ({result['value'].image_digest}) read-only at {target}")  # type: ignore[attr-defined]
+        return 0
+    if args.command == "umount":
+        target = args.dir.absolute()
+        parts.volumes.unpublish(_cli_volume_id(target), str(target))
+        print(f"unmounted {target}")
+        return 0
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _run(args)
+    except CsiOciError as exc:
+        print(f"csi-oci: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Container Storage Interface (CSI) wire bindings, by API version."""

@@ -1,0 +1,193 @@
+"""`csi-oci serve`: the gRPC server on a unix socket.
+
+The interceptor here is the single place where exceptions become gRPC
+statuses (via errors.status_code_for) and where every RPC is logged: one
+line with method, status, duration and the request with secrets redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from csi_oci.controller import ControllerService
+from csi_oci.csi.v1 import csi_pb2_grpc
+from csi_oci.errors import CsiOciError, InvalidArgument, status_code_for
+from csi_oci.identity import IdentityService
+from csi_oci.node import NodeService
+from csi_oci.puller import Puller
+from csi_oci.redact import one_line
+from csi_oci.store import Store
+from csi_oci.volumes import VolumeManager
+
+log = logging.getLogger("csi_oci.rpc")
+
+MAX_WORKERS = 32  # publishes wait on pulls; Probe must still get a thread
+
+
+@dataclass
+class NodeParts:
+    store: Store
+    puller: Puller
+    volumes: VolumeManager
+
+
+def build_node_parts(state_dir: Path, *, publish_wait: float = 90.0) -> NodeParts:
+    """Wire the data path (shared by `serve` and the CLI commands)."""
+    store = Store(state_dir)
+    store.recover()
+    puller = Puller(store)
+    volumes = VolumeManager(store, puller, publish_wait=publish_wait)
+    volumes.recover()
+    return NodeParts(store, puller, volumes)
+
+
+def socket_path(endpoint: str) -> str:
+    """`unix:///csi/csi.sock`, `unix:/csi/csi.sock` or a bare path -> the path."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://") :]
+    elif endpoint.startswith("unix:"):
+        path = endpoint[len("unix:") :]
+    elif "://" in endpoint:
+        raise InvalidArgument(f"endpoint {endpoint!r}: only unix sockets are supported")
+    else:
+        path = endpoint
+    if not path.startswith("/"):
+        raise InvalidArgument(f"endpoint {endpoint!r}: socket path must be absolute")
+    return path
+
+
+def remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidArgument(f"endpoint {path} exists and is not a socket; refusing to remove it")
+    os.unlink(path)
+
+
+class _RpcInterceptor(grpc.ServerInterceptor):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def logged(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.monotonic()
+            try:
+                response = inner(request, context)
+            except BaseException as exc:
+                code = status_code_for(exc)
+                message = str(exc) if isinstance(exc, CsiOciError) else f"internal error: {exc!r}"
+                if isinstance(exc, NotImplementedError):
+                    code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
+                level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+                log.log(
+                    level,
+                    "rpc=%s code=%s duration=%.3fs error=%r request={%s}",
+                    method,
+                    code.name,
+                    time.monotonic() - started,
+                    message,
+                    one_line(request),
+                    exc_info=code == grpc.StatusCode.INTERNAL,
+                )
+                context.abort(code, message)
+            log.info(
+                "rpc=%s code=OK duration=%.3fs request={%s}",
+                method,
+                time.monotonic() - started,
+                one_line(request),
+            )
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            logged,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass
+class ServeOptions:
+    endpoint: str
+    node_id: str
+    state_dir: Path
+    driver_name: str
+    mode: str  # node | controller | all
+    publish_wait: float = 90.0
+
+
+def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
+        interceptors=[_RpcInterceptor()],
+    )
+    parts = None
+    with_node = opts.mode in ("node", "all")
+    with_controller = opts.mode in ("controller", "all")
+    if with_node:
+        if not opts.node_id:
+            raise InvalidArgument("--node-id is required in node mode")
+        parts = build_node_parts(opts.state_dir, publish_wait=opts.publish_wait)
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(opts.node_id, parts.volumes), server)
+        ready = parts.store.usable
+    else:
+
+        def ready() -> bool:
+            return True
+
+    if with_controller:
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(opts.driver_name), server)
+    csi_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityService(opts.driver_name, controller=with_controller, ready=ready), server
+    )
+    return server, parts
+
+
+def serve(opts: ServeOptions) -> int:
+    path = socket_path(opts.endpoint)
+    remove_stale_socket(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    server, _ = build_server(opts)
+    server.add_insecure_port(f"unix://{path}")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        logging.getLogger("csi_oci").info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    logging.getLogger("csi_oci").info(
+        "csi-oci %s serving %s on %s (node %s, state %s)",
+        opts.driver_name,
+        opts.mode,
+        path,
+        opts.node_id or "-",
+        opts.state_dir,
+    )
+    stop.wait()
+    server.stop(grace=5).wait()
+    remove_stale_socket(path)
+    logging.getLogger("csi_oci").info("stopped")
+    return 0

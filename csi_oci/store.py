@@ -1,0 +1,196 @@
+"""The node store: unpacked image trees, content-addressed, under the state dir.
+
+Layout (everything below `--state-dir`):
+
+    images/sha256/<manifest hex>/rootfs/   the unpacked tree, shared by all volumes
+    images/sha256/<manifest hex>/image.json  what it is: reference, layers, sizes
+    refs/<sha256 of "ref|platform">.json   last resolution of a tag, for IfNotPresent/Never
+    blobs/sha256/<hex>                     verified layer blobs spooled during a pull
+    staging/<random>/                      trees being built; never visible elsewhere
+    volumes/                               published-volume records (see volumes.py)
+
+A tree becomes visible only by an atomic rename of a finished, synced
+staging directory, so a crash or failure at any point leaves either the old
+state or the new one, and `recover()` at start sweeps what a dead pull left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from csi_oci.reference import validate_digest
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the filesystem holding `path` (one call instead of fsync per file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable state file %s: %s", path, exc)
+        return None
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """Metadata of one unpacked image tree."""
+
+    digest: str  # manifest digest (platform-specific)
+    reference: str  # reference it was first pulled as
+    config_digest: str
+    layers: list[str]
+    compressed_bytes: int
+    unpacked_bytes: int
+    pulled_at: float
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir)
+        self.images = self.root / "images" / "sha256"
+        self.refs = self.root / "refs"
+        self.blobs = self.root / "blobs" / "sha256"
+        self.staging = self.root / "staging"
+
+    def ensure_layout(self) -> None:
+        for d in (self.images, self.refs, self.blobs, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.staging, 0o700)
+
+    def recover(self) -> None:
+        """Remove what interrupted pulls left behind (staging trees, partial blobs)."""
+        self.ensure_layout()
+        for entry in self.staging.iterdir():
+            log.info("removing leftover staging directory %s", entry.name)
+            shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.blobs.iterdir():
+            if entry.name.endswith(".partial") or entry.name.startswith(".tmp-"):
+                entry.unlink(missing_ok=True)
+
+    # -- images ---------------------------------------------------------------
+
+    def _image_dir(self, digest: str) -> Path:
+        algo, _, hexpart = validate_digest(digest).partition(":")
+        if algo != "sha256":
+            raise ValueError("only sha256 manifests are stored")
+        return self.images / hexpart
+
+    def tree(self, digest: str) -> Path:
+        return self._image_dir(digest) / "rootfs"
+
+    def image(self, digest: str) -> ImageRecord | None:
+        raw = read_json(self._image_dir(digest) / "image.json")
+        if raw is None or not (self._image_dir(digest) / "rootfs").is_dir():
+            return None
+        return ImageRecord(**raw)
+
+    def new_staging(self) -> Path:
+        self.ensure_layout()
+        path = Path(tempfile.mkdtemp(prefix="pull-", dir=self.staging))
+        (path / "rootfs").mkdir(mode=0o755)
+        return path
+
+    def commit(self, staging: Path, record: ImageRecord) -> Path:
+        """Make a finished staging tree the image's tree, atomically."""
+        write_json_atomic(staging / "image.json", asdict(record))
+        os.chmod(staging, 0o755)
+        syncfs(staging)
+        final = self._image_dir(record.digest)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if self.image(record.digest) is None:
+                raise
+            # Someone committed the same image first: theirs is as good as ours.
+            shutil.rmtree(staging, ignore_errors=True)
+        return final / "rootfs"
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def list_images(self) -> list[ImageRecord]:
+        out = []
+        for entry in sorted(self.images.iterdir()) if self.images.is_dir() else []:
+            rec = self.image("sha256:" + entry.name) if len(entry.name) == 64 else None
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    # -- tag resolutions --------------------------------------------------------
+
+    def _ref_path(self, reference: str, platform: str) -> Path:
+        key = hashlib.sha256(f"{reference}|{platform}".encode()).hexdigest()
+        return self.refs / f"{key}.json"
+
+    def remember_ref(self, reference: str, platform: str, digest: str) -> None:
+        write_json_atomic(
+            self._ref_path(reference, platform),
+            {"reference": reference, "platform": platform, "digest": digest, "at": time.time()},
+        )
+
+    def lookup_ref(self, reference: str, platform: str) -> str | None:
+        raw = read_json(self._ref_path(reference, platform))
+        if not raw or raw.get("reference") != reference:
+            return None
+        digest = str(raw.get("digest", ""))
+        return digest if self.image(digest) is not None else None
+
+    # -- spooled blobs ----------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        algo, _, hexpart = validate_digest(digest).partition(":")
+        return self.blobs / (hexpart if algo == "sha256" else f"{algo}-{hexpart}")
+
+    def usable(self) -> bool:
+        """The state dir exists and is writable (Probe's readiness)."""
+        try:
+            self.ensure_layout()
+            fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=self.root)
+            os.close(fd)
+            os.unlink(tmp)
+            return True
+        except OSError:
+            return False

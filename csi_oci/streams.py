@@ -1,0 +1,178 @@
+"""Streaming readers that verify and decompress layer bytes on the fly.
+
+Each reader is a minimal file-like object with `read(n)`. They chain:
+network/file -> VerifyingReader (digest + size of the blob) -> a
+decompressor -> VerifyingReader (DiffID of the uncompressed tar) -> tar parser.
+No stage buffers a whole blob, and every stage works on large buffers so
+hashlib, zlib and zstandard release the GIL while they work.
+
+A VerifyingReader checks the digest only when its source is exhausted, so a
+consumer must `drain()` it: the tar parser stops at the end-of-archive
+marker, and padding after it still belongs to the hashed bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable
+from typing import Protocol
+
+import zstandard
+
+from csi_oci.errors import IntegrityError, InvalidLayer
+from csi_oci.manifest import Compression
+
+CHUNK = 1024 * 1024
+# zstd frames may ask for a window up to 3.75 TiB; the decoder allocates it.
+# 128 MiB is what `zstd --long=27` uses, far above what image tools write.
+MAX_ZSTD_WINDOW = 1 << 27
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class VerifyingReader:
+    """Pass bytes through while hashing and counting them.
+
+    Raises IntegrityError as soon as more than `size` bytes arrive, and at
+    EOF when the count or the digest differ from what was pinned.
+    `on_bytes` reports progress (bytes since the last call).
+    """
+
+    def __init__(
+        self,
+        source: Readable,
+        digest: str,
+        size: int | None,
+        what: str,
+        on_bytes: Callable[[int], None] | None = None,
+        *,
+        hasher: hashlib._Hash | None = None,
+        offset: int = 0,
+    ) -> None:
+        algo, _, self._expected_hex = digest.partition(":")
+        self._source = source
+        self._digest = digest
+        self._size = size
+        self._what = what
+        self._on_bytes = on_bytes
+        self._hash = hasher if hasher is not None else hashlib.new(algo)
+        self.count = offset
+        self.verified = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self.verified:
+            return b""
+        data = self._source.read(CHUNK if n is None or n < 0 else n)
+        if not data:
+            self._finish()
+            return b""
+        self.count += len(data)
+        if self._size is not None and self.count > self._size:
+            raise IntegrityError(
+                f"{self._what}: received more than the {self._size} bytes its descriptor declares"
+            )
+        self._hash.update(data)
+        if self._on_bytes is not None:
+            self._on_bytes(len(data))
+        return data
+
+    def _finish(self) -> None:
+        if self._size is not None and self.count != self._size:
+            raise IntegrityError(
+                f"{self._what}: got {self.count} bytes, descriptor declares {self._size} "
+                "(truncated or wrong blob)"
+            )
+        got = self._hash.hexdigest()
+        if got != self._expected_hex:
+            raise IntegrityError(
+                f"{self._what}: digest mismatch: expected {self._digest}, "
+                f"got {self._digest.partition(':')[0]}:{got}; the registry or a proxy "
+                "served wrong bytes, nothing was kept"
+            )
+        self.verified = True
+
+    def drain(self) -> int:
+        """Read to EOF (verifying); returns how many bytes were left over."""
+        left = 0
+        while True:
+            data = self.read(CHUNK)
+            if not data:
+                return left
+            left += len(data)
+
+
+class GzipReader:
+    """Inflate a gzip stream of one or more members (RFC 1952 allows several).
+
+    Bytes after the last member must be another member: trailing garbage is
+    refused rather than silently ignored, so two different blobs can never
+    unpack to the same tree unnoticed.
+    """
+
+    def __init__(self, source: Readable, what: str) -> None:
+        self._source = source
+        self._what = what
+        self._d = zlib.decompressobj(wbits=31)
+        self._input = b""
+
+    def read(self, n: int = -1, /) -> bytes:
+        want = CHUNK if n is None or n < 0 else n
+        while True:
+            if self._d.eof and not self._next_member():
+                return b""
+            if self._d.unconsumed_tail:
+                data = self._d.unconsumed_tail
+            elif self._input:
+                data, self._input = self._input, b""
+            else:
+                data = self._source.read(CHUNK)
+                if not data:
+                    raise InvalidLayer(f"{self._what}: gzip stream is truncated")
+            try:
+                out = self._d.decompress(data, want)
+            except zlib.error as exc:
+                raise InvalidLayer(f"{self._what}: corrupt gzip data: {exc}") from None
+            if out:
+                return out
+
+    def _next_member(self) -> bool:
+        """After a member ends: start the next one, or report a clean end."""
+        rest = self._d.unused_data
+        while len(rest) < 2:
+            more = self._source.read(CHUNK)
+            if not more:
+                if rest:
+                    raise InvalidLayer(f"{self._what}: trailing garbage after gzip member")
+                return False
+            rest += more
+        if not rest.startswith(b"\x1f\x8b"):
+            raise InvalidLayer(f"{self._what}: trailing garbage after gzip member")
+        self._d = zlib.decompressobj(wbits=31)
+        self._input = rest
+        return True
+
+
+class ZstdReader:
+    """Decompress a zstd stream of one or more frames (skippable frames allowed)."""
+
+    def __init__(self, source: Readable, what: str) -> None:
+        self._what = what
+        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+        self._reader = dctx.stream_reader(source, read_size=CHUNK, read_across_frames=True)
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            return self._reader.read(CHUNK if n is None or n < 0 else n)
+        except zstandard.ZstdError as exc:
+            raise InvalidLayer(f"{self._what}: corrupt zstd data: {exc}") from None
+
+
+def decompressor(source: Readable, compression: str, what: str) -> Readable:
+    if compression == Compression.GZIP:
+        return GzipReader(source, what)
+    if compression == Compression.ZSTD:
+        return ZstdReader(source, what)
+    return source

@@ -1,0 +1,258 @@
+"""Published volumes: publish/unpublish on plain data, persisted across restarts.
+
+Each published target has a record under `<state>/volumes/`, written
+*before* the mount ("mounting") and completed after it ("published"), so a
+driver killed at any point finds, on restart, every mount it may have made.
+Reference counts of image trees are the number of records naming them:
+derived from disk, they survive restarts by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from csi_oci import mounts
+from csi_oci.applier import open_in_root
+from csi_oci.attributes import VolumeSpec
+from csi_oci.credentials import Credentials
+from csi_oci.errors import (
+    AlreadyExists,
+    CsiOciError,
+    FailedPrecondition,
+    InvalidLayer,
+    NotFound,
+    PullInProgress,
+)
+from csi_oci.puller import Puller
+from csi_oci.store import Store, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_MOUNTING = "mounting"
+STATE_PUBLISHED = "published"
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    volume_id: str
+    target_path: str
+    spec: dict[str, str]
+    image_digest: str
+    state: str
+    published_at: float
+
+
+class VolumeManager:
+    def __init__(self, store: Store, puller: Puller, *, publish_wait: float = 90.0) -> None:
+        self.store = store
+        self.puller = puller
+        self.publish_wait = publish_wait
+        self.records = store.root / "volumes"
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # -- records -------------------------------------------------------------
+
+    def _record_path(self, target: str) -> Path:
+        return self.records / (hashlib.sha256(target.encode()).hexdigest() + ".json")
+
+    def load(self, target: str) -> VolumeRecord | None:
+        raw = read_json(self._record_path(target))
+        if raw is None:
+            return None
+        try:
+            rec = VolumeRecord(**raw)
+        except TypeError:
+            log.warning("ignoring malformed volume record for %s", target)
+            return None
+        return rec if rec.target_path == target else None
+
+    def _save(self, rec: VolumeRecord) -> None:
+        write_json_atomic(self._record_path(rec.target_path), asdict(rec))
+
+    def _forget(self, target: str) -> None:
+        self._record_path(target).unlink(missing_ok=True)
+
+    def all_records(self) -> list[VolumeRecord]:
+        out = []
+        for path in sorted(self.records.glob("*.json")) if self.records.is_dir() else []:
+            raw = read_json(path)
+            with contextlib.suppress(TypeError):
+                if raw is not None:
+                    out.append(VolumeRecord(**raw))
+        return out
+
+    def refcounts(self) -> dict[str, int]:
+        """Image digest -> number of volumes using its tree."""
+        counts: dict[str, int] = {}
+        for rec in self.all_records():
+            counts[rec.image_digest] = counts.get(rec.image_digest, 0) + 1
+        return counts
+
+    def recover(self) -> None:
+        """After a restart: drop records of mounts that never completed."""
+        self.records.mkdir(parents=True, exist_ok=True)
+        for rec in self.all_records():
+            if rec.state == STATE_MOUNTING and not mounts.is_mounted(rec.target_path):
+                log.info("dropping record of unfinished publish at %s", rec.target_path)
+                self._forget(rec.target_path)
+
+    # -- locking ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _target_lock(self, target: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(target, threading.Lock())
+        if not lock.acquire(timeout=-1 if math.isinf(self.publish_wait) else self.publish_wait):
+            raise PullInProgress(f"another operation on {target} is still in progress; retry")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- publish / unpublish -------------------------------------------------------
+
+    def publish(
+        self,
+        volume_id: str,
+        target: str,
+        spec: VolumeSpec,
+        credentials: Credentials | None,
+        *,
+        wait: float | None = None,
+    ) -> VolumeRecord:
+        target = os.path.normpath(target)
+        with self._target_lock(target):
+            existing = self._republish_check(volume_id, target, spec)
+            if existing is not None:
+                return existing
+            resolved = self.puller.resolve(
+                spec.reference, spec.platform, spec.pull_policy, credentials
+            )
+            budget = self.publish_wait if wait is None else wait
+            tree = self.puller.ensure(
+                resolved, spec.platform, None if math.isinf(budget) else budget
+            )
+            return self._mount(volume_id, target, spec, resolved.digest, tree)
+
+    def _republish_check(
+        self, volume_id: str, target: str, spec: VolumeSpec
+    ) -> VolumeRecord | None:
+        """An identical republish is a no-op; an incompatible one is ALREADY_EXISTS."""
+        if not mounts.is_mounted(target):
+            return None
+        rec = self.load(target)
+        if rec is None:
+            raise AlreadyExists(f"target {target} is already a mount point, not made by csi-oci")
+        if rec.volume_id == volume_id and rec.spec == spec.canonical():
+            if rec.state != STATE_PUBLISHED:
+                rec = VolumeRecord(**{**asdict(rec), "state": STATE_PUBLISHED})
+                self._save(rec)
+            return rec
+        raise AlreadyExists(
+            f"target {target} already has volume {rec.volume_id} ({rec.spec.get('image')}) "
+            "published with different parameters"
+        )
+
+    def _mount(
+        self, volume_id: str, target: str, spec: VolumeSpec, digest: str, tree: Path
+    ) -> VolumeRecord:
+        rec = VolumeRecord(volume_id, target, spec.canonical(), digest, STATE_MOUNTING, time.time())
+        self._save(rec)
+        created = False
+        try:
+            created = _make_target_dir(target)
+            root_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                src_fd = _open_sub_path(root_fd, spec, digest)
+                try:
+                    mounts.bind_mount_readonly(src_fd, target)
+                finally:
+                    os.close(src_fd)
+            finally:
+                os.close(root_fd)
+        except BaseException:
+            self._forget(target)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(target)
+            raise
+        rec = VolumeRecord(**{**asdict(rec), "state": STATE_PUBLISHED})
+        self._save(rec)
+        log.info("published %s (%s @ %s) at %s", volume_id, spec.reference, digest, target)
+        return rec
+
+    def unpublish(self, volume_id: str, target: str) -> None:
+        """Idempotent: OK when not mounted or absent. Removes the target directory."""
+        target = os.path.normpath(target)
+        with self._target_lock(target):
+            rec = self.load(target)
+            if rec is not None and rec.volume_id != volume_id:
+                log.warning(
+                    "unpublish of %s at %s, but %s was published there",
+                    volume_id,
+                    target,
+                    rec.volume_id,
+                )
+            mounts.unmount(target)
+            _remove_target(target)
+            self._forget(target)
+            log.info("unpublished %s from %s", volume_id, target)
+
+
+def _make_target_dir(target: str) -> bool:
+    """Create the target directory (CSI: the SP creates it). True if we made it."""
+    try:
+        os.mkdir(target, 0o750)
+        return True
+    except FileExistsError:
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise FailedPrecondition(f"target {target} exists and is not a directory") from None
+        return False
+    except FileNotFoundError:
+        raise FailedPrecondition(
+            f"parent directory of target {target} does not exist (the CO must create it)"
+        ) from None
+
+
+def _open_sub_path(root_fd: int, spec: VolumeSpec, digest: str) -> int:
+    where = spec.sub_path or "."
+    try:
+        fd = open_in_root(root_fd, where)
+    except InvalidLayer:
+        raise NotFound(
+            f"subPath {spec.sub_path!r} is not a directory in image {spec.reference}"
+        ) from None
+    if fd is None:
+        raise NotFound(
+            f"subPath {spec.sub_path!r} does not exist in image {spec.reference} ({digest})"
+        )
+    return fd
+
+
+def _remove_target(target: str) -> None:
+    try:
+        os.rmdir(target)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        os.unlink(target)
+    except OSError as exc:
+        if exc.errno == errno.ENOTEMPTY:
+            raise FailedPrecondition(
+                f"target {target} is not empty after unmount; refusing to delete its contents"
+            ) from None
+        raise
+
+
+__all__ = ["CsiOciError", "VolumeManager", "VolumeRecord"]

@@ -1,0 +1,52 @@
+"""Shared pytest fixtures.
+
+The registry fixtures run real ``docker-registry`` processes on 127.0.0.1
+(see tests/support); they need no root.  Missing tools fail the tests rather
+than skipping them: run hack/install-deps.
+"""
+
+from collections.abc import Iterator
+
+import pytest
+from support.registry import INSTALL_HINT, TEST_PASSWORD, TEST_USER, Registry, missing_tools
+from support.tokenserver import TokenServer
+
+
+def _require_registry_tools() -> None:
+    missing = missing_tools("docker-registry", "skopeo")
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: {INSTALL_HINT}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory) -> Iterator[Registry]:
+    """Anonymous registry (pull and push without credentials)."""
+    _require_registry_tools()
+    reg = Registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def basic_registry(tmp_path_factory) -> Iterator[Registry]:
+    """Registry with htpasswd (HTTP Basic) auth for alice/wonderland."""
+    _require_registry_tools()
+    reg = Registry(tmp_path_factory.mktemp("basic-registry"), htpasswd=(TEST_USER, TEST_PASSWORD))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory) -> Iterator[Registry]:
+    """Registry with Docker bearer-token auth; ``.token_server`` issues the tokens."""
+    _require_registry_tools()
+    workdir = tmp_path_factory.mktemp("token-registry")
+    server = TokenServer(username=TEST_USER, password=TEST_PASSWORD, workdir=workdir / "tokens")
+    try:
+        reg = Registry(workdir / "registry", token_auth=server)
+    except BaseException:
+        server.stop()
+        raise
+    yield reg
+    reg.stop()
+    server.stop()
