@@ -32,6 +32,7 @@ from csi_oci.errors import (
     CsiOciError,
     FailedPrecondition,
     IntegrityError,
+    InvalidLayer,
     OutOfSpace,
     PullInProgress,
 )
@@ -54,7 +55,6 @@ from csi_oci.streams import CHUNK, Readable, VerifyingReader, decompressor
 log = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 3
-FAILED_JOB_MEMORY = 30.0  # seconds a failure is reported to callers joining late
 
 
 @dataclass
@@ -177,9 +177,10 @@ class Puller:
         with self._lock:
             job = self._jobs.get(resolved.digest)
             if job is not None and job.done.is_set():
-                stale = time.monotonic() - job.finished_at > FAILED_JOB_MEMORY
-                if job.error is None or stale:
-                    job = None
+                # A finished job is never reused: after a success the tree is in
+                # the store; after a failure the retry must look at the registry
+                # again (the blob may have been fixed), not replay the old error.
+                job = None
             if job is None:
                 if resolved.manifest is None or resolved.client is None:
                     raise FailedPrecondition(f"image {resolved.digest} vanished from the store")
@@ -314,7 +315,14 @@ class Puller:
                 f"{what} (uncompressed, diff_id)",
             )
             tar_stream = diff_reader
-        stats = applier.apply(tar_stream, what)
+        try:
+            stats = applier.apply(tar_stream, what)
+        except InvalidLayer:
+            if isinstance(blob, VerifyingReader) and not blob.verified:
+                # Undecodable bytes are most often wrong bytes: finish hashing
+                # so the error names the digest mismatch when that is the cause.
+                blob.drain()
+            raise
         if diff_reader is not None:
             diff_reader.drain()
         if isinstance(blob, VerifyingReader):

@@ -125,6 +125,9 @@ class RegistryClient:
             raise AuthError(
                 f"registry {self.ref.registry} demands authentication but sent no challenge"
             )
+        if ping.status_code == 401 and backend == "basic" and self._credentials is None:
+            # Basic auth at /v2/ guards everything: nothing is readable anonymously.
+            raise self._auth_error(None)
         reg = oras.provider.Registry(
             hostname=self.ref.api_host,
             insecure=self._scheme == "http",

@@ -46,10 +46,15 @@ class NodeParts:
 def build_node_parts(state_dir: Path, *, publish_wait: float = 90.0) -> NodeParts:
     """Wire the data path (shared by `serve` and the CLI commands)."""
     store = Store(state_dir)
-    store.recover()
     puller = Puller(store)
     volumes = VolumeManager(store, puller, publish_wait=publish_wait)
-    volumes.recover()
+    try:
+        store.recover()
+        volumes.recover()
+    except OSError as exc:
+        # Keep serving: Probe reports not-ready and publishes fail with this
+        # reason, which is more useful to an operator than a crash loop.
+        logging.getLogger("csi_oci").error("state dir %s is not usable: %s", state_dir, exc)
     return NodeParts(store, puller, volumes)
 
 

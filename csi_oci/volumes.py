@@ -136,6 +136,11 @@ class VolumeManager:
             existing = self._republish_check(volume_id, target, spec)
             if existing is not None:
                 return existing
+            if not self.store.usable():
+                raise FailedPrecondition(
+                    f"state directory {self.store.root} is not writable; check the driver's "
+                    "hostPath volume and disk"
+                )
             resolved = self.puller.resolve(
                 spec.reference, spec.platform, spec.pull_policy, credentials
             )

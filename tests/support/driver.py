@@ -1,0 +1,188 @@
+"""Run the real `csi-oci serve` as a subprocess and talk CSI to it over its socket.
+
+The driver runs exactly as a DaemonSet would run it (same entry point,
+unix socket, state dir on disk), so tests also cover start-up, signal
+handling, logging and restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from csi_oci.csi.v1 import csi_pb2, csi_pb2_grpc
+
+MOUNT_CAP = csi_pb2.VolumeCapability(
+    mount=csi_pb2.VolumeCapability.MountVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+    ),
+)
+
+
+class Driver:
+    """A `csi-oci serve` process with gRPC stubs bound to its socket."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        mode: str = "all",
+        state_dir: Path | None = None,
+        extra_args: list[str] | None = None,
+        node_id: str = "test-node",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = self.workdir / "csi.sock"
+        self.state_dir = state_dir or self.workdir / "state"
+        self.log_path = self.workdir / "driver.log"
+        self.mode = mode
+        self.node_id = node_id
+        self.extra_args = list(extra_args or [])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+        self.start()
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "csi_oci.cli",
+            "--state-dir",
+            str(self.state_dir),
+            "serve",
+            "--endpoint",
+            f"unix://{self.socket}",
+            "--node-id",
+            self.node_id,
+            "--mode",
+            self.mode,
+            *self.extra_args,
+        ]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=30)
+        except grpc.FutureTimeoutError:
+            self.kill()
+            raise RuntimeError(f"driver did not start:\n{self.log_text()[-3000:]}") from None
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM and wait: the clean shutdown path."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or an OOM kill looks like."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self, *, hard: bool = False) -> None:
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        self.start()
+
+    # -- CSI calls ----------------------------------------------------------------
+
+    def create_volume(self, name: str, parameters: dict[str, str]) -> csi_pb2.Volume:
+        resp = self.controller.CreateVolume(
+            csi_pb2.CreateVolumeRequest(
+                name=name, volume_capabilities=[MOUNT_CAP], parameters=parameters
+            )
+        )
+        return resp.volume
+
+    def publish(
+        self,
+        target: Path,
+        attrs: dict[str, str],
+        *,
+        volume_id: str = "vol-1",
+        secrets: dict[str, str] | None = None,
+        readonly: bool = False,
+        capability: csi_pb2.VolumeCapability = MOUNT_CAP,
+        timeout: float = 120,
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        return self.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=volume_id,
+                target_path=str(target),
+                volume_capability=capability,
+                readonly=readonly,
+                volume_context=attrs,
+                secrets=secrets or {},
+            ),
+            timeout=timeout,
+        )
+
+    def unpublish(self, target: Path, *, volume_id: str = "vol-1") -> None:
+        self.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+        )
+
+
+def mount_options(path: Path) -> set[str] | None:
+    """Per-mount options of the mount at `path`, from /proc/self/mountinfo."""
+    target = os.path.normpath(str(path))
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if fields[4] == target:
+                found = set(fields[5].split(","))
+    return found
+
+
+def wait_for(predicate: object, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return False
+
+
+def tree_of(root: Path) -> dict[str, object]:
+    """path -> bytes (files), '->target' (symlinks) or 'dir', for exact comparisons."""
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = str(full.relative_to(root))
+            if full.is_symlink():
+                out[rel] = "->" + os.readlink(full)
+            elif full.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = full.read_bytes()
+    return out
