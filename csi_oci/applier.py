@@ -2,7 +2,8 @@
 
 Why not `tarfile.extractall`: it has no whiteout semantics, checks members
 against the filesystem with `realpath` (order-dependent, racy) and has had
-several filter bypasses. Here `tarfile` is only the header parser; every
+several filter bypasses. Here `tarfile` is only the header parser (made
+strict: a corrupt header is an error, not an early end of the layer); every
 filesystem operation is relative to a directory file descriptor, and every
 path is resolved one component at a time inside the root:
 
@@ -14,7 +15,8 @@ path is resolved one component at a time inside the root:
 * names with `..` components are refused: no legitimate image needs them.
 
 Whiteouts (`.wh.<name>`) and opaque markers (`.wh..wh..opq`) hide entries of
-*lower* layers only; entries written earlier in the same layer survive.
+*lower* layers only; entries written earlier in the same layer (and the
+directories holding them) survive.
 Device nodes and FIFOs are never created (the volume is data, not a root
 filesystem), and setuid/setgid bits are dropped; the mount adds nosuid,nodev.
 """
@@ -45,6 +47,23 @@ MAX_DEPTH = 256
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _IS_ROOT = os.geteuid() == 0
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """TarInfo whose corrupt or cut-off headers are errors.
+
+    Plain `tarfile` treats a bad checksum or a partial header after the first
+    member as the end of the archive, silently dropping the rest of the layer.
+    A stream that ends cleanly on a header boundary without the end-of-archive
+    blocks is still accepted, as Go's archive/tar (containerd, Docker) does.
+    """
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            raise tarfile.ReadError(f"corrupt tar header: {exc}") from None
 
 
 @dataclass
@@ -213,7 +232,10 @@ class _LayerRun:
         self.what = what
         self.track = track_written
         self.written: set[str] = set()
-        self.dir_times: list[tuple[list[str], float]] = []
+        # Directories this layer holds without an entry of their own: the
+        # parents of its entries (tar writers may omit parent entries).
+        self.parents: set[str] = set()
+        self.dir_times: dict[tuple[str, ...], float] = {}
         self.stats = ApplyStats()
         self._cache_key: tuple[str, ...] | None = None
         self._cache_fd: int | None = None
@@ -239,9 +261,14 @@ class _LayerRun:
         return self._cache_fd
 
     def run(self, stream: Readable) -> None:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tf:  # type: ignore[call-overload]
+        with tarfile.open(  # type: ignore[call-overload]
+            fileobj=stream, mode="r|", bufsize=CHUNK, tarinfo=_StrictTarInfo
+        ) as tf:
             for member in tf:
                 self._apply_member(tf, member)
+                # tarfile keeps every header it parsed; a million-entry layer
+                # would hold them all. Iteration does not need the list.
+                tf.members.clear()
         self._set_dir_times()
 
     def _apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
@@ -251,6 +278,8 @@ class _LayerRun:
         self.stats.entries += 1
         if not parts:
             return  # the root itself: never replaced, its metadata is ours
+        if self.track:
+            self._mark_parents(parts)
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, where)
@@ -272,6 +301,13 @@ class _LayerRun:
         if self.track:
             self.written.add("/".join(parts))
 
+    def _mark_parents(self, parts: list[str]) -> None:
+        for depth in range(len(parts) - 1, 0, -1):
+            path = "/".join(parts[:depth])
+            if path in self.parents:
+                return
+            self.parents.add(path)
+
     # -- entry kinds -------------------------------------------------------
 
     def _prepare(self, parts: list[str], *, keep_dir: bool = False) -> tuple[int, str]:
@@ -281,14 +317,12 @@ class _LayerRun:
         st = _lstat_at(parent, name)
         if st is not None and not (keep_dir and stat.S_ISDIR(st.st_mode)):
             remove_at(parent, name)
-            if stat.S_ISDIR(st.st_mode):
-                # A cached parent below it would now be a deleted directory.
-                parent = self._refresh_parent(parts)
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                # The cached parent may have been reached through what was
+                # removed (`l -> .`, then `l/l`): `parent` stays valid for this
+                # entry, but the next one must resolve its parent again.
+                self._cache_key = None
         return parent, name
-
-    def _refresh_parent(self, parts: list[str]) -> int:
-        self._drop_cache()
-        return self._parent(parts)
 
     def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str]) -> None:
         parent, name = self._prepare(parts)
@@ -324,9 +358,16 @@ class _LayerRun:
             os.fchmod(fd, m.mode & 0o1777)
         finally:
             os.close(fd)
-        self.dir_times.append((parts, m.mtime))
+        self.dir_times[tuple(parts)] = m.mtime  # a later entry for the path wins
 
     def _symlink(self, m: tarfile.TarInfo, parts: list[str]) -> None:
+        where = f"{self.what}: entry {m.name!r}"
+        if not m.linkname:
+            raise InvalidLayer(f"{where}: symbolic link with an empty target")
+        if "\0" in m.linkname:
+            raise InvalidLayer(f"{where}: symbolic link target contains a NUL byte")
+        if len(m.linkname.encode("utf-8", "surrogateescape")) >= MAX_PATH_BYTES:
+            raise InvalidLayer(f"{where}: symbolic link target longer than {MAX_PATH_BYTES} bytes")
         parent, name = self._prepare(parts)
         # The target is stored verbatim: it is only ever followed in-root by us,
         # and by the pod inside its own mount namespace.
@@ -349,12 +390,22 @@ class _LayerRun:
                 raise InvalidLayer(f"{where}: hard link target {m.linkname!r} does not exist")
             if stat.S_ISDIR(tst.st_mode):
                 raise InvalidLayer(f"{where}: hard link target {m.linkname!r} is a directory")
-            parent, name = self._prepare(parts)
             if target_parts == parts:
-                return
-            os.link(
-                target_parts[-1], name, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False
-            )
+                return  # a link to itself: the file is already there
+            parent, name = self._prepare(parts)
+            try:
+                os.link(
+                    target_parts[-1],
+                    name,
+                    src_dir_fd=tparent,
+                    dst_dir_fd=parent,
+                    follow_symlinks=False,
+                )
+            except FileNotFoundError:
+                # Replacing the entry removed the target (it was inside it).
+                raise InvalidLayer(
+                    f"{where}: hard link target {m.linkname!r} is removed by this entry"
+                ) from None
         finally:
             os.close(tparent)
 
@@ -378,7 +429,16 @@ class _LayerRun:
         if parent is None:
             return
         try:
-            remove_at(parent, hidden)
+            st = _lstat_at(parent, hidden)
+            if target in self.parents and st is not None and stat.S_ISDIR(st.st_mode):
+                # Entries of this layer lie below it: hide only the lower ones.
+                sub = os.open(hidden, _DIR_FLAGS, dir_fd=parent)
+                try:
+                    self._clear_lower(sub, target)
+                finally:
+                    os.close(sub)
+            else:
+                remove_at(parent, hidden)
         finally:
             os.close(parent)
 
@@ -396,7 +456,7 @@ class _LayerRun:
         """Remove what lower layers put under a directory, keep this layer's."""
         for name in os.listdir(dir_fd):
             path = f"{prefix}/{name}" if prefix else name
-            if path not in self.written:
+            if path not in self.written and path not in self.parents:
                 remove_at(dir_fd, name)
                 continue
             st = _lstat_at(dir_fd, name)
@@ -418,15 +478,24 @@ class _LayerRun:
 
     def _set_dir_times(self) -> None:
         self._drop_cache()
-        for parts, mtime in reversed(self.dir_times):
-            parent = resolve_dir(self.root, parts[:-1], create=False)
+        for parts, mtime in self.dir_times.items():
+            try:
+                parent = resolve_dir(self.root, list(parts[:-1]), create=False)
+            except InvalidLayer:
+                continue  # a later entry replaced a parent by a file or a link loop
             if parent is None:
                 continue
             try:
-                with contextlib.suppress(OSError):
-                    os.utime(parts[-1], (mtime, mtime), dir_fd=parent, follow_symlinks=False)
+                # Only if still a directory: a later entry may have replaced it.
+                fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
+            except OSError:
+                continue
             finally:
                 os.close(parent)
+            try:
+                os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
 
 
 def iter_tree(root: str) -> Iterator[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from csi_oci.attributes import (
 )
 from csi_oci.errors import CsiOciError
 from csi_oci.puller import Puller
-from csi_oci.server import ServeOptions, build_node_parts, serve
+from csi_oci.server import NodeParts, ServeOptions, build_node_parts, serve
 
 DEFAULT_STATE_DIR = "/var/lib/csi-oci"
 DEFAULT_DRIVER_NAME = "oci.csi.dev"
@@ -84,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unpublish what `mount` published at DIR")
     u.add_argument("dir", type=Path)
+
+    sub.add_parser("status", help="images in the node store and the volumes using them (JSON)")
     return p
 
 
@@ -123,6 +126,31 @@ def _cli_volume_id(target: Path) -> str:
     return "cli-" + hashlib.sha256(str(target).encode()).hexdigest()[:32]
 
 
+def _status(parts: NodeParts) -> dict[str, object]:
+    refcounts = parts.volumes.refcounts()
+    images = [
+        {
+            "digest": rec.digest,
+            "reference": rec.reference,
+            "unpacked_bytes": rec.unpacked_bytes,
+            "compressed_bytes": rec.compressed_bytes,
+            "volumes": refcounts.get(rec.digest, 0),
+        }
+        for rec in parts.store.list_images()
+    ]
+    volumes = [
+        {
+            "volume_id": r.volume_id,
+            "target_path": r.target_path,
+            "image": r.spec.get("image"),
+            "digest": r.image_digest,
+            "state": r.state,
+        }
+        for r in parts.volumes.all_records()
+    ]
+    return {"state_dir": str(parts.store.root), "images": images, "volumes": volumes}
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return serve(
@@ -135,7 +163,11 @@ def _run(args: argparse.Namespace) -> int:
                 args.publish_wait,
             )
         )
-    parts = build_node_parts(args.state_dir, publish_wait=float("inf"))
+    parts = build_node_parts(
+        args.state_dir,
+        publish_wait=float("inf"),
+        lock="none" if args.command == "status" else "try",
+    )
     result: dict[str, object] = {}
 
     def guarded(fn: object) -> threading.Thread:
@@ -172,6 +204,9 @@ def _run(args: argparse.Namespace) -> int:
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
         print(f"mounted {spec.reference} ({result['value'].image_digest}) read-only at {target}")  # type: ignore[attr-defined]
+        return 0
+    if args.command == "status":
+        print(json.dumps(_status(parts), indent=1))
         return 0
     if args.command == "umount":
         target = args.dir.absolute()

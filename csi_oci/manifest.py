@@ -113,6 +113,8 @@ def detect_media_type(data: bytes, header_type: str | None) -> str:
     """
     obj = load_json(data, "manifest")
     body_type = obj.get("mediaType")
+    if body_type is not None and not isinstance(body_type, str):
+        raise RegistryError("manifest mediaType is not a string")
     header = (header_type or "").split(";")[0].strip()
     if body_type and header and header in ACCEPTED_MANIFEST_TYPES and body_type != header:
         raise RegistryError(
@@ -164,6 +166,8 @@ def select_platform(entries: list[Descriptor], want: Platform) -> Descriptor:
         d
         for d in entries
         if d.platform is not None
+        and d.annotations.get("vnd.docker.reference.type") != "attestation-manifest"
+        and d.platform.os != "unknown"
         and d.platform.os == want.os
         and d.platform.architecture == want.architecture
         and d.media_type in (*MANIFEST_TYPES, "")

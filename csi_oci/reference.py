@@ -19,6 +19,7 @@ from csi_oci.errors import InvalidArgument
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
+DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -41,7 +42,7 @@ def validate_digest(digest: str) -> str:
     """
     algo, sep, hexpart = digest.partition(":")
     pattern = _DIGEST_RE.get(algo)
-    if not sep or pattern is None or not pattern.match(hexpart):
+    if not sep or pattern is None or not pattern.fullmatch(hexpart):
         raise InvalidArgument(
             f"invalid digest {digest!r}: want sha256:<64 hex> or sha512:<128 hex>"
         )
@@ -108,7 +109,9 @@ def parse_reference(text: str) -> Reference:
     first, slash, rest = raw.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
         registry, raw = first, rest
-        if not _HOST_RE.match(registry):
+        if registry in DOCKER_HUB_ALIASES:
+            registry = DOCKER_HUB
+        if not _HOST_RE.fullmatch(registry):
             raise InvalidArgument(
                 f"invalid image reference {text!r}: bad registry host {registry!r}"
             )
@@ -117,12 +120,12 @@ def parse_reference(text: str) -> Reference:
     name, colon, maybe_tag = raw.rpartition(":")
     if colon and "/" not in maybe_tag:
         raw, tag = name, maybe_tag
-        if not _TAG_RE.match(tag):
+        if not _TAG_RE.fullmatch(tag):
             raise InvalidArgument(f"invalid image reference {text!r}: bad tag {tag!r}")
 
     if registry == DOCKER_HUB and "/" not in raw:
         raw = f"library/{raw}"
-    if not _REPO_RE.match(raw):
+    if not _REPO_RE.fullmatch(raw):
         raise InvalidArgument(
             f"invalid image reference {text!r}: repository {raw!r} must be lowercase "
             "path components of letters, digits and separators"

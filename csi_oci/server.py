@@ -7,11 +7,11 @@ line with method, status, duration and the request with secrets redacted.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
 import stat
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +23,7 @@ import grpc
 
 from csi_oci.controller import ControllerService
 from csi_oci.csi.v1 import csi_pb2_grpc
-from csi_oci.errors import CsiOciError, InvalidArgument, status_code_for
+from csi_oci.errors import CsiOciError, FailedPrecondition, InvalidArgument, status_code_for
 from csi_oci.identity import IdentityService
 from csi_oci.node import NodeService
 from csi_oci.puller import Puller
@@ -34,6 +34,7 @@ from csi_oci.volumes import VolumeManager
 log = logging.getLogger("csi_oci.rpc")
 
 MAX_WORKERS = 32  # publishes wait on pulls; Probe must still get a thread
+SHUTDOWN_DEADLINE = 20.0  # seconds from SIGTERM to a forced exit
 
 
 @dataclass
@@ -43,12 +44,29 @@ class NodeParts:
     volumes: VolumeManager
 
 
-def build_node_parts(state_dir: Path, *, publish_wait: float = 90.0) -> NodeParts:
-    """Wire the data path (shared by `serve` and the CLI commands)."""
+def build_node_parts(
+    state_dir: Path, *, publish_wait: float = 90.0, lock: str = "wait"
+) -> NodeParts:
+    """Wire the data path (shared by `serve` and the CLI commands).
+
+    `lock`: "wait" (serve: wait for a previous driver to exit), "try" (CLI
+    commands that change state: refuse while a server runs) or "none"
+    (read-only inspection: no lock, no recovery).
+    """
     store = Store(state_dir)
     puller = Puller(store)
     volumes = VolumeManager(store, puller, publish_wait=publish_wait)
+    if lock == "none":
+        return NodeParts(store, puller, volumes)
     try:
+        if lock == "wait":
+            try:
+                store.lock(wait=False)
+            except FailedPrecondition:
+                logging.getLogger("csi_oci").info("waiting for the state dir lock of %s", state_dir)
+                store.lock(wait=True)
+        else:
+            store.lock(wait=False)
         store.recover()
         volumes.recover()
     except OSError as exc:
@@ -169,21 +187,21 @@ def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
 
 
 def serve(opts: ServeOptions) -> int:
+    # Block SIGTERM/SIGINT before any thread exists, so every thread inherits
+    # the mask and the main thread alone takes them, synchronously, with
+    # sigwait. With a Python signal handler instead, the kernel may deliver
+    # the signal to a gRPC thread while the main thread sleeps in a futex and
+    # never runs the handler: the driver would ignore SIGTERM.
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     path = socket_path(opts.endpoint)
     remove_stale_socket(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     server, _ = build_server(opts)
     server.add_insecure_port(f"unix://{path}")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        logging.getLogger("csi_oci").info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     server.start()
-    logging.getLogger("csi_oci").info(
+    main_log = logging.getLogger("csi_oci")
+    main_log.info(
         "csi-oci %s serving %s on %s (node %s, state %s)",
         opts.driver_name,
         opts.mode,
@@ -191,8 +209,13 @@ def serve(opts: ServeOptions) -> int:
         opts.node_id or "-",
         opts.state_dir,
     )
-    stop.wait()
+    signum = signal.sigwait(signals)
+    main_log.info("received %s, shutting down", signal.Signals(signum).name)
+    # A node plugin that ignores SIGTERM blocks node drains and DaemonSet
+    # rollouts. Should a graceful stop ever hang, print every thread's stack
+    # (the diagnosis) and exit anyway.
+    faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE, exit=True)
     server.stop(grace=5).wait()
     remove_stale_socket(path)
-    logging.getLogger("csi_oci").info("stopped")
+    main_log.info("stopped")
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from csi_oci.errors import FailedPrecondition
 from csi_oci.reference import validate_digest
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,24 @@ class Store:
         self.refs = self.root / "refs"
         self.blobs = self.root / "blobs" / "sha256"
         self.staging = self.root / "staging"
+
+    def lock(self, *, wait: bool) -> int:
+        """Take the state dir's owner lock (held until the process exits).
+
+        Only the owner may run `recover()`: it deletes staging trees, which
+        would destroy the pulls of another process using the same state dir.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise FailedPrecondition(
+                f"state dir {self.root} is in use by another csi-oci process (a running "
+                "`csi-oci serve`?); stop it or pass a different --state-dir"
+            ) from None
+        return fd
 
     def ensure_layout(self) -> None:
         for d in (self.images, self.refs, self.blobs, self.staging):

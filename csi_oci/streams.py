@@ -155,13 +155,89 @@ class GzipReader:
         return True
 
 
+class _ZstdFrameTracker:
+    """Follows zstd frame and block headers (RFC 8878) in the bytes it passes on.
+
+    python-zstandard's stream_reader bounds its output (which bomb safety
+    needs) but ends silently when the input stops mid-frame. This tracker
+    skips payloads by count and knows, at end of input, whether the stream
+    stopped on a frame boundary.
+    """
+
+    ZSTD_MAGIC = 0xFD2FB528
+
+    def __init__(self, source: Readable, what: str) -> None:
+        self._source = source
+        self._what = what
+        self._header = bytearray()  # pending header bytes
+        self._need = 4  # header bytes wanted in the current state
+        self._skip = 0  # payload bytes to pass before the next header
+        self._state = "magic"
+        self._checksum = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._source.read(n)
+        if not data:
+            if self._state != "magic" or self._header or self._skip:
+                raise InvalidLayer(f"{self._what}: zstd stream is truncated (ends inside a frame)")
+            return data
+        self._track(memoryview(data))
+        return data
+
+    def _track(self, view: memoryview) -> None:
+        while view:
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                continue
+            take = min(self._need - len(self._header), len(view))
+            self._header += view[:take]
+            view = view[take:]
+            if len(self._header) == self._need:
+                self._advance(bytes(self._header))
+
+    def _advance(self, header: bytes) -> None:
+        self._header.clear()
+        state = self._state
+        if state == "magic":
+            magic = int.from_bytes(header, "little")
+            if magic & 0xFFFFFFF0 == 0x184D2A50:
+                self._state, self._need = "skip_size", 4
+            elif magic == self.ZSTD_MAGIC:
+                self._state, self._need = "fhd", 1
+            else:
+                raise InvalidLayer(f"{self._what}: not a zstd frame (bad magic number)")
+        elif state == "skip_size":
+            self._skip = int.from_bytes(header, "little")
+            self._state, self._need = "magic", 4
+        elif state == "fhd":
+            fhd = header[0]
+            single = bool(fhd & 0x20)
+            self._checksum = bool(fhd & 0x04)
+            fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+            rest = (0 if single else 1) + (0, 1, 2, 4)[fhd & 0x03] + fcs
+            self._state, self._need = "block", 3
+            self._skip = rest
+        elif state == "block":
+            value = int.from_bytes(header, "little")
+            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
+            if kind == 3:
+                raise InvalidLayer(f"{self._what}: corrupt zstd data (reserved block type)")
+            self._skip = 1 if kind == 1 else size
+            if last:
+                self._state, self._need = "magic", 4
+                self._skip += 4 if self._checksum else 0
+
+
 class ZstdReader:
     """Decompress a zstd stream of one or more frames (skippable frames allowed)."""
 
     def __init__(self, source: Readable, what: str) -> None:
         self._what = what
         dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-        self._reader = dctx.stream_reader(source, read_size=CHUNK, read_across_frames=True)
+        tracked = _ZstdFrameTracker(source, what)
+        self._reader = dctx.stream_reader(tracked, read_size=CHUNK, read_across_frames=True)
 
     def read(self, n: int = -1, /) -> bytes:
         try:
