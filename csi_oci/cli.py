@@ -49,9 +49,19 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("CSI_OCI_STATE_DIR", DEFAULT_STATE_DIR)),
         help="node cache and volume records (default %(default)s)",
     )
+    # The same options are accepted after the subcommand (`csi-oci serve
+    # --state-dir ...`); SUPPRESS keeps the top-level value unless given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
+    )
+    common.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the CSI gRPC server")
+    def add(name: str, **kw: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    s = add("serve", help="run the CSI gRPC server")
     s.add_argument(
         "--endpoint",
         default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"),
@@ -72,21 +82,21 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--pull-policy", choices=["Always", "IfNotPresent", "Never"])
         sp.add_argument("--platform", help="os/arch[/variant] (default: this node's)")
 
-    pl = sub.add_parser("pull", help="pull an image into the node store")
+    pl = add("pull", help="pull an image into the node store")
     pl.add_argument("image")
     add_volume_flags(pl)
 
-    m = sub.add_parser("mount", help="publish an image read-only at DIR")
+    m = add("mount", help="publish an image read-only at DIR")
     m.add_argument("image")
     m.add_argument("dir", type=Path)
     m.add_argument("--mode", choices=["auto", "unpack", "lazy"], default="auto")
     m.add_argument("--sub-path", default="")
     add_volume_flags(m)
 
-    u = sub.add_parser("umount", help="unpublish what `mount` published at DIR")
+    u = add("umount", help="unpublish what `mount` published at DIR")
     u.add_argument("dir", type=Path)
 
-    sub.add_parser("status", help="images in the node store and the volumes using them (JSON)")
+    add("status", help="images in the node store and the volumes using them (JSON)")
     return p
 
 

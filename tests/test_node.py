@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import MOUNT_CAP, Driver, mount_options, tree_of
+from support.driver import MOUNT_CAP, Driver, mount_options, tree_of, wait_for
 from support.images import Dir, File, Image, Layer, Opaque, Symlink, Whiteout, push_image
 from support.registry import TEST_PASSWORD, TEST_USER
 
@@ -493,3 +493,46 @@ def test_sigterm_shuts_down_cleanly_and_stale_socket_is_replaced(tmp_path):
     d.start()
     d.identity.Probe(csi_pb2.ProbeRequest())
     assert d.stop() == 0
+
+
+def test_kill_during_pull_leaves_nothing_a_later_pull_trips_on(registry, tmp_path):
+    layers = [
+        Layer([File(f"part-{i}", os.urandom(16_000_000))], compression="gzip") for i in range(4)
+    ]
+    img = Image(layers)
+    push_image(registry, img, "node/killed:v1", tmp_path)
+    ref = f"{registry.host}/node/killed:v1"
+    d = Driver(tmp_path / "drv", extra_args=["--publish-wait", "0"])
+    try:
+        target = target_in(tmp_path)
+        err = rpc_error(d.publish, target, {"image": ref})
+        assert err.code() == grpc.StatusCode.ABORTED
+        staging = d.state_dir / "staging"
+        assert wait_for(lambda: any(staging.iterdir()), timeout=10), "pull under way when killed"
+        d.restart(hard=True)  # kill -9 mid-pull, then start again
+        assert list(staging.iterdir()) == [], "leftover staging is swept at start"
+        assert not list((d.state_dir / "blobs" / "sha256").glob("*.partial"))
+        assert not (d.state_dir / "images" / "sha256" / img.manifest_digest.split(":")[1]).exists()
+        assert not target.exists() and mount_options(target) is None
+        for _ in range(600):
+            try:
+                d.publish(target, {"image": ref})
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.ABORTED, exc.details()
+                threading.Event().wait(0.05)
+        assert sorted(os.listdir(target)) == [f"part-{i}" for i in range(4)]
+        for i, layer in enumerate(layers):
+            assert (target / f"part-{i}").read_bytes() == layer_payload(layer)
+        d.unpublish(target)
+    finally:
+        d.stop()
+
+
+def layer_payload(layer: Layer) -> bytes:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(layer.tar_bytes)) as tf:
+        member = tf.getmembers()[0]
+        return tf.extractfile(member).read()
