@@ -420,18 +420,26 @@ class _LayerPipeline:
             stream_it = not self._claimed[index]
             self._claimed[index] = True
             fut = self._spooled[index]
-        if stream_it:
-            layer = self._layers[index]
-            resp = self._client.open_blob(layer, f"layer {layer.digest}")
-            self._puller.downloads += 1
+        spooled = None
+        if not stream_it:
+            assert fut is not None
             try:
-                yield _CountingReader(resp.raw, self._job.progress.add), False
-            finally:
-                resp.close()
+                spooled = open(fut.result(), "rb", buffering=0)
+            except FileNotFoundError:
+                # Another pull sharing this layer finished and removed the blob
+                # between our check and now: fetch it ourselves.
+                pass
+        if spooled is not None:
+            with spooled:
+                yield spooled, True
             return
-        assert fut is not None
-        with open(fut.result(), "rb", buffering=0) as f:
-            yield f, True
+        layer = self._layers[index]
+        resp = self._client.open_blob(layer, f"layer {layer.digest}")
+        self._puller.downloads += 1
+        try:
+            yield _CountingReader(resp.raw, self._job.progress.add), False
+        finally:
+            resp.close()
 
 
 class _CountingReader:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -536,3 +537,39 @@ def layer_payload(layer: Layer) -> bytes:
     with tarfile.open(fileobj=io.BytesIO(layer.tar_bytes)) as tf:
         member = tf.getmembers()[0]
         return tf.extractfile(member).read()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 24 MiB tmpfs to serve as a state dir that fills up."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_resource_exhausted_and_leaves_nothing(registry, tmp_path, small_disk):
+    layers = [
+        Layer([File(f"shard-{i}", os.urandom(12_000_000))], compression="none") for i in range(3)
+    ]
+    img = Image(layers)
+    push_image(registry, img, "node/toobig:v1", tmp_path)
+    small = Image([Layer([File("fits", b"small model")])])
+    push_image(registry, small, "node/fits:v1", tmp_path)
+    d = Driver(tmp_path / "drv", state_dir=small_disk / "state")
+    try:
+        target = target_in(tmp_path)
+        err = rpc_error(d.publish, target, {"image": f"{registry.host}/node/toobig:v1"})
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert "no space left" in err.details()
+        assert not target.exists() and mount_options(target) is None
+        assert list((d.state_dir / "staging").iterdir()) == []
+        assert not list((d.state_dir / "blobs" / "sha256").glob("*.partial"))
+        assert list((d.state_dir / "images" / "sha256").iterdir()) == []
+        # the node keeps working for images that fit
+        d.publish(target, {"image": f"{registry.host}/node/fits:v1"})
+        assert (target / "fits").read_bytes() == b"small model"
+        d.unpublish(target)
+    finally:
+        d.stop()
