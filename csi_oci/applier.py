@@ -30,7 +30,8 @@ import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from csi_oci.errors import InvalidLayer, OutOfSpace
@@ -44,6 +45,7 @@ MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_DEPTH = 256
+MAX_EXTENSION_HEADER_BYTES = 1 << 20  # a PAX record set or GNU long name
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _IS_ROOT = os.geteuid() == 0
@@ -65,6 +67,22 @@ class _StrictTarInfo(tarfile.TarInfo):
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
             raise tarfile.ReadError(f"corrupt tar header: {exc}") from None
 
+    # tarfile reads a PAX record or a GNU long name/link wholly into memory,
+    # whatever size its header claims: cap it before that read happens.
+    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extension_size("PAX header")
+        return super()._proc_pax(tarfile)  # type: ignore[misc]
+
+    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extension_size("GNU long name")
+        return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+
+    def _check_extension_size(self, what: str) -> None:
+        if self.size > MAX_EXTENSION_HEADER_BYTES or self.size < 0:
+            raise InvalidLayer(
+                f"{what} of {self.size} bytes exceeds the {MAX_EXTENSION_HEADER_BYTES}-byte limit"
+            )
+
 
 @dataclass
 class Limits:
@@ -72,6 +90,56 @@ class Limits:
 
     max_bytes: int = 1 << 50
     max_entries: int = 10_000_000
+
+
+class Budget:
+    """Bytes and entries an image may unpack to, shared by parallel layers."""
+
+    def __init__(self, limits: Limits, parent: Budget | None = None) -> None:
+        self.limits = limits
+        self.parent = parent  # a layer's own budget also counts against the image's
+        self.bytes = 0
+        self.entries = 0
+        self._lock = threading.Lock()
+
+    def charge(self, entries: int, nbytes: int, what: str) -> None:
+        if self.parent is not None:
+            self.parent.charge(entries, nbytes, what)
+        with self._lock:
+            self.entries += entries
+            self.bytes += nbytes
+            entries_now, bytes_now = self.entries, self.bytes
+        if entries_now > self.limits.max_entries:
+            raise InvalidLayer(f"{what}: more than {self.limits.max_entries} entries in the image")
+        if bytes_now > self.limits.max_bytes:
+            raise InvalidLayer(
+                f"{what}: image unpacks to more than {self.limits.max_bytes} bytes "
+                "(its declared size, or --max-image-bytes)"
+            )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a layer may contain.
+
+    Image layers follow the OCI layer spec (whiteouts, last entry wins,
+    absolute names rooted at the image root, device nodes skipped).
+    Artifact layers (ORAS, ModelPack, KitOps) are plain file trees: anything
+    else in them is refused, and two entries for one path (in one layer or
+    across layers) are an error, not an overwrite.
+    """
+
+    image: bool = True
+    # Only entries whose path passes are written (partial pulls).
+    select: Callable[[str], bool] | None = None
+    # Artifact tars that must stay under one path (an ORAS directory's title).
+    under: tuple[str, ...] = ()
+    # Shared across the layers of one artifact: path -> layer that wrote it.
+    claimed: dict[str, str] | None = None
+    claim_lock: threading.Lock | None = None
+
+
+IMAGE_POLICY = Policy()
 
 
 @dataclass
@@ -134,7 +202,8 @@ def resolve_dir(root_fd: int, parts: list[str], *, create: bool) -> int | None:
             if st is None:
                 if not create:
                     return None
-                os.mkdir(name, 0o755, dir_fd=cur)
+                with contextlib.suppress(FileExistsError):  # a parallel layer made it
+                    os.mkdir(name, 0o755, dir_fd=cur)
                 st = os.stat(name, dir_fd=cur, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
                 hops += 1
@@ -189,16 +258,23 @@ def remove_at(dir_fd: int, name: str) -> bool:
 class LayerApplier:
     """Applies layers in order onto one root directory."""
 
-    def __init__(self, root_fd: int, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        root_fd: int,
+        limits: Limits | None = None,
+        *,
+        budget: Budget | None = None,
+        policy: Policy = IMAGE_POLICY,
+    ) -> None:
         self._root = root_fd
-        self._limits = limits or Limits()
-        self._total_bytes = 0
-        self._total_entries = 0
+        self._budget = budget or Budget(limits or Limits())
+        self.policy = policy
         self._layers_applied = 0
 
     def apply(self, stream: Readable, what: str) -> ApplyStats:
         """Apply one uncompressed tar stream; raises InvalidLayer naming the entry."""
-        layer = _LayerRun(self, what, track_written=self._layers_applied > 0)
+        track = self.policy.image and self._layers_applied > 0
+        layer = _LayerRun(self, what, track_written=track)
         try:
             layer.run(stream)
         except tarfile.TarError as exc:
@@ -213,14 +289,7 @@ class LayerApplier:
         return layer.stats
 
     def _charge(self, entries: int, nbytes: int, what: str) -> None:
-        self._total_entries += entries
-        self._total_bytes += nbytes
-        if self._total_entries > self._limits.max_entries:
-            raise InvalidLayer(f"{what}: more than {self._limits.max_entries} entries in the image")
-        if self._total_bytes > self._limits.max_bytes:
-            raise InvalidLayer(
-                f"{what}: image unpacks to more than {self._limits.max_bytes} bytes (budget)"
-            )
+        self._budget.charge(entries, nbytes, what)
 
 
 class _LayerRun:
@@ -236,6 +305,7 @@ class _LayerRun:
         # parents of its entries (tar writers may omit parent entries).
         self.parents: set[str] = set()
         self.dir_times: dict[tuple[str, ...], float] = {}
+        self.seen: set[str] = set()  # artifact entries of this layer (duplicates)
         self.stats = ApplyStats()
         self._cache_key: tuple[str, ...] | None = None
         self._cache_fd: int | None = None
@@ -273,9 +343,12 @@ class _LayerRun:
 
     def _apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         where = f"{self.what}: entry {m.name!r}"
+        policy = self.owner.policy
         parts = split_member_name(m.name, f"{self.what}: entry")
         self.owner._charge(1, m.size if m.isreg() else 0, where)
         self.stats.entries += 1
+        if not policy.image:
+            self._artifact_checks(m, parts, where)
         if not parts:
             return  # the root itself: never replaced, its metadata is ours
         if self.track:
@@ -284,6 +357,11 @@ class _LayerRun:
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, where)
             return
+        if policy.select is not None and not m.isdir():
+            if not policy.select("/".join(parts)):
+                return  # partial pull: not wanted (tarfile skips its data)
+        elif policy.select is not None:
+            return  # directories appear as parents of selected entries only
         if m.isreg():
             self._file(tf, m, parts)
         elif m.isdir():
@@ -300,6 +378,34 @@ class _LayerRun:
             raise InvalidLayer(f"{where}: unsupported tar entry type {m.type!r}")
         if self.track:
             self.written.add("/".join(parts))
+
+    def _artifact_checks(self, m: tarfile.TarInfo, parts: list[str], where: str) -> None:
+        """An artifact is a plain file tree: refuse what only images may carry."""
+        policy = self.owner.policy
+        if m.name.startswith("/"):
+            raise InvalidLayer(f"{where}: absolute path in an artifact layer")
+        if not parts:
+            if m.isdir():
+                return
+            raise InvalidLayer(f"{where}: an artifact entry must not name the root")
+        if any(p.startswith(WHITEOUT_PREFIX) for p in parts):
+            raise InvalidLayer(f"{where}: whiteout entries are not allowed in an artifact layer")
+        if m.ischr() or m.isblk() or m.isfifo():
+            raise InvalidLayer(f"{where}: device nodes and FIFOs are not allowed in an artifact")
+        if policy.under and tuple(parts[: len(policy.under)]) != policy.under:
+            if not (m.isdir() and tuple(parts) == policy.under[: len(parts)]):
+                raise InvalidLayer(
+                    f"{where}: outside {'/'.join(policy.under)!r}, the path this layer declares"
+                )
+        if m.isdir() or policy.claimed is None or policy.claim_lock is None:
+            return
+        path = "/".join(parts)
+        with policy.claim_lock:
+            previous = policy.claimed.setdefault(path, self.what)
+        if previous != self.what or path in self.seen:
+            other = "this layer" if previous == self.what else previous
+            raise InvalidLayer(f"{where}: duplicate path, already written by {other}")
+        self.seen.add(path)
 
     def _mark_parents(self, parts: list[str]) -> None:
         for depth in range(len(parts) - 1, 0, -1):
@@ -383,10 +489,20 @@ class _LayerRun:
             raise InvalidLayer(f"{where}: hard link to the root directory")
         tparent = resolve_dir(self.root, target_parts[:-1], create=False)
         if tparent is None:
+            if self.owner.policy.select is not None:
+                raise InvalidLayer(
+                    f"{where}: hard link to {m.linkname!r}, which `include` leaves out; "
+                    "include it too"
+                )
             raise InvalidLayer(f"{where}: hard link target {m.linkname!r} does not exist")
         try:
             tst = _lstat_at(tparent, target_parts[-1])
             if tst is None:
+                if self.owner.policy.select is not None:
+                    raise InvalidLayer(
+                        f"{where}: hard link to {m.linkname!r}, which `include` leaves out; "
+                        "include it too"
+                    )
                 raise InvalidLayer(f"{where}: hard link target {m.linkname!r} does not exist")
             if stat.S_ISDIR(tst.st_mode):
                 raise InvalidLayer(f"{where}: hard link target {m.linkname!r} is a directory")

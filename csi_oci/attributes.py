@@ -9,8 +9,9 @@ pod start) and the CLI.
 from __future__ import annotations
 
 import enum
+import fnmatch
 import platform as _platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from csi_oci.errors import InvalidArgument, Unsupported
@@ -21,7 +22,9 @@ KEY_PULL_POLICY = "pullPolicy"
 KEY_MODE = "mode"
 KEY_SUB_PATH = "subPath"
 KEY_PLATFORM = "platform"
-KNOWN_KEYS = (KEY_IMAGE, KEY_PULL_POLICY, KEY_MODE, KEY_SUB_PATH, KEY_PLATFORM)
+KEY_INCLUDE = "include"
+KNOWN_KEYS = (KEY_IMAGE, KEY_PULL_POLICY, KEY_MODE, KEY_SUB_PATH, KEY_PLATFORM, KEY_INCLUDE)
+MAX_INCLUDE_PATTERNS = 256
 
 
 class PullPolicy(enum.StrEnum):
@@ -91,6 +94,43 @@ def normalize_sub_path(text: str) -> str:
     return "/".join(parts)
 
 
+def parse_include(text: str) -> tuple[str, ...]:
+    """`include`: comma-separated glob patterns; normalised, deduplicated, sorted.
+
+    Sorting makes `a,b` and `b,a` the same cache entry.
+    """
+    patterns = sorted({p.strip().strip("/") for p in text.split(",") if p.strip().strip("/")})
+    if len(patterns) > MAX_INCLUDE_PATTERNS:
+        raise InvalidArgument(
+            f"include has {len(patterns)} patterns; at most {MAX_INCLUDE_PATTERNS}"
+        )
+    for pattern in patterns:
+        if "\0" in pattern or any(part == ".." for part in pattern.split("/")):
+            raise InvalidArgument(f"include pattern {pattern!r} must not contain '..' or NUL")
+    return tuple(patterns)
+
+
+def include_matcher(patterns: tuple[str, ...]) -> Callable[[str], bool] | None:
+    """A predicate on a file's path relative to the image root, or None for "all".
+
+    A pattern with a `/` matches the whole path (`models/*.json`); one without
+    matches the file's base name in any directory (`*.json`). Globs are
+    fnmatch's: `*`, `?`, `[0-9]`.
+    """
+    if not patterns:
+        return None
+    with_slash = [p for p in patterns if "/" in p]
+    basename_only = [p for p in patterns if "/" not in p]
+
+    def matches(path: str) -> bool:
+        base = path.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(base, p) for p in basename_only) or any(
+            fnmatch.fnmatchcase(path, p) for p in with_slash
+        )
+
+    return matches
+
+
 @dataclass(frozen=True)
 class VolumeSpec:
     """What a volume should contain; compared to decide idempotent republish."""
@@ -100,16 +140,20 @@ class VolumeSpec:
     mode: Mode
     sub_path: str
     platform: Platform
+    include: tuple[str, ...] = ()
 
     def canonical(self) -> dict[str, str]:
         """A plain dict, stable across restarts, recorded with the volume."""
-        return {
+        out = {
             KEY_IMAGE: str(self.reference),
             KEY_PULL_POLICY: self.pull_policy.value,
             KEY_MODE: self.mode.value,
             KEY_SUB_PATH: self.sub_path,
             KEY_PLATFORM: str(self.platform),
         }
+        if self.include:
+            out[KEY_INCLUDE] = ",".join(self.include)
+        return out
 
 
 def default_pull_policy(ref: Reference) -> PullPolicy:
@@ -157,6 +201,12 @@ def parse_volume_attributes(attrs: Mapping[str, str]) -> VolumeSpec:
     sub_path = normalize_sub_path(attrs.get(KEY_SUB_PATH, ""))
     platform_text = attrs.get(KEY_PLATFORM, "").strip()
     plat = parse_platform(platform_text) if platform_text else node_platform()
+    include = parse_include(attrs.get(KEY_INCLUDE, ""))
     return VolumeSpec(
-        reference=ref, pull_policy=policy, mode=mode, sub_path=sub_path, platform=plat
+        reference=ref,
+        pull_policy=policy,
+        mode=mode,
+        sub_path=sub_path,
+        platform=plat,
+        include=include,
     )

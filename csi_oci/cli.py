@@ -19,6 +19,7 @@ from pathlib import Path
 from csi_oci import __version__
 from csi_oci.attributes import (
     KEY_IMAGE,
+    KEY_INCLUDE,
     KEY_MODE,
     KEY_PLATFORM,
     KEY_PULL_POLICY,
@@ -31,6 +32,7 @@ from csi_oci.server import NodeParts, ServeOptions, build_node_parts, serve
 
 DEFAULT_STATE_DIR = "/var/lib/csi-oci"
 DEFAULT_DRIVER_NAME = "oci.csi.dev"
+DEFAULT_MAX_IMAGE_BYTES = 1 << 40  # 1 TiB
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("CSI_OCI_STATE_DIR", DEFAULT_STATE_DIR)),
         help="node cache and volume records (default %(default)s)",
     )
+    p.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help="refuse an image that unpacks to more bytes, unless its producer declared the "
+        "sizes (then those bound it); guards against decompression bombs (default %(default)s)",
+    )
     # The same options are accepted after the subcommand (`csi-oci serve
     # --state-dir ...`); SUPPRESS keeps the top-level value unless given there.
     common = argparse.ArgumentParser(add_help=False)
@@ -56,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
     )
     common.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
+    common.add_argument("--max-image-bytes", type=int, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kw: str) -> argparse.ArgumentParser:
@@ -81,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     def add_volume_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--pull-policy", choices=["Always", "IfNotPresent", "Never"])
         sp.add_argument("--platform", help="os/arch[/variant] (default: this node's)")
+        sp.add_argument(
+            "--include",
+            default="",
+            help="comma-separated globs: publish only matching files (partial pull)",
+        )
 
     pl = add("pull", help="pull an image into the node store")
     pl.add_argument("image")
@@ -97,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("dir", type=Path)
 
     add("status", help="images in the node store and the volumes using them (JSON)")
+    add("ls", help="one line per tree in the node store: image, digest, packaging, files, bytes")
     return p
 
 
@@ -110,6 +126,8 @@ def _attrs(args: argparse.Namespace) -> dict[str, str]:
         attrs[KEY_MODE] = args.mode
     if getattr(args, "sub_path", None):
         attrs[KEY_SUB_PATH] = args.sub_path
+    if getattr(args, "include", None):
+        attrs[KEY_INCLUDE] = args.include
     return attrs
 
 
@@ -171,12 +189,14 @@ def _run(args: argparse.Namespace) -> int:
                 args.driver_name,
                 args.mode,
                 args.publish_wait,
+                args.max_image_bytes,
             )
         )
     parts = build_node_parts(
         args.state_dir,
         publish_wait=float("inf"),
-        lock="none" if args.command == "status" else "try",
+        lock="none" if args.command in ("status", "ls") else "try",
+        max_image_bytes=args.max_image_bytes,
     )
     result: dict[str, object] = {}
 
@@ -193,15 +213,25 @@ def _run(args: argparse.Namespace) -> int:
         spec = parse_volume_attributes(_attrs(args))
 
         def do_pull() -> object:
-            resolved = parts.puller.resolve(spec.reference, spec.platform, spec.pull_policy, None)
+            resolved = parts.puller.resolve(
+                spec.reference, spec.platform, spec.pull_policy, None, spec.include
+            )
             parts.puller.ensure(resolved, spec.platform, None)
-            return resolved.digest
+            return resolved.key
 
         _with_progress(parts.puller, guarded(do_pull))
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
-        print(f"{spec.reference} -> {result['value']}")
-        print(parts.store.tree(str(result["value"])))
+        key = str(result["value"])
+        record = parts.store.image(key)
+        print(record.summary() if record else f"{spec.reference} -> {key}")
+        print(parts.store.tree(key))
+        return 0
+    if args.command == "ls":
+        refcounts = parts.volumes.refcounts()
+        for rec in parts.store.list_images():
+            used = refcounts.get(rec.key or rec.digest, 0)
+            print(f"{rec.summary()}, {used} volume{'s' if used != 1 else ''}")
         return 0
     if args.command == "mount":
         spec = parse_volume_attributes(_attrs(args))

@@ -60,6 +60,8 @@ class ImageManifest:
     media_type: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
+    artifact_type: str = ""
+    annotations: tuple[tuple[str, str], ...] = ()
 
     @property
     def total_layer_bytes(self) -> int:
@@ -148,7 +150,19 @@ def parse_manifest(data: bytes, media_type: str) -> ImageManifest:
     if not isinstance(layers_raw, list):
         raise RegistryError("malformed image manifest: 'layers' is not a list")
     layers = tuple(_descriptor(layer, f"layers[{i}]") for i, layer in enumerate(layers_raw))
-    return ImageManifest(media_type=media_type, config=config, layers=layers)
+    artifact_type = obj.get("artifactType") or ""
+    if not isinstance(artifact_type, str):
+        raise RegistryError("malformed image manifest: artifactType is not a string")
+    annotations = obj.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise RegistryError("malformed image manifest: annotations are not an object")
+    return ImageManifest(
+        media_type=media_type,
+        config=config,
+        layers=layers,
+        artifact_type=artifact_type,
+        annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
+    )
 
 
 def _variant_matches(want: Platform, have: Platform) -> bool:

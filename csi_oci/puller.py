@@ -1,15 +1,20 @@
-"""Pulling an image into the store: resolve -> fetch -> verify -> apply -> commit.
+"""Pulling into the store: resolve -> fetch -> verify -> apply -> commit.
 
-One pull per manifest digest runs at a time (single flight): concurrent
-publishes of the same image join the running job. A job runs in its own
-thread, so a caller whose CSI call budget runs out can return and join the
-same job on its next retry.
+One pull per tree (manifest digest + include set) runs at a time (single
+flight): concurrent publishes of the same image join the running job. A job
+runs in its own thread, so a caller whose CSI call budget runs out can return
+and join the same job on its next retry.
 
-Layers download concurrently and are applied in order. The layer the
+Images: layers download concurrently and are applied in order. The layer the
 applier needs next is streamed straight from the registry into the tree
 (download, hash, decompress, write in one pass); layers further ahead are
 downloaded by worker threads into verified spool files meanwhile, applied
 when their turn comes and deleted after the commit.
+
+Artifacts (ORAS, ModelPack, KitOps): layers are independent, so all of them
+stream in parallel. A raw layer's file is written once, into the node's
+shared blob store while it is hashed, and hard-linked into each tree that
+needs it (so different `include` sets share one download).
 """
 
 from __future__ import annotations
@@ -17,16 +22,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from csi_oci.applier import LayerApplier, Limits
-from csi_oci.attributes import Platform, PullPolicy
+from csi_oci.applier import Budget, LayerApplier, Limits, Policy, resolve_dir
+from csi_oci.attributes import Platform, PullPolicy, include_matcher
 from csi_oci.credentials import Credentials
 from csi_oci.errors import (
     CsiOciError,
@@ -39,22 +45,22 @@ from csi_oci.errors import (
 from csi_oci.manifest import (
     INDEX_TYPES,
     MAX_CONFIG_BYTES,
-    Descriptor,
+    Compression,
     ImageManifest,
-    layer_compression,
-    parse_config,
     parse_index,
     parse_manifest,
     select_platform,
 )
+from csi_oci.packaging import Kind, LayerPlan, Plan, plan_for
 from csi_oci.reference import Reference
 from csi_oci.registry import RegistryClient
-from csi_oci.store import ImageRecord, Store
+from csi_oci.store import ImageRecord, Store, tree_key
 from csi_oci.streams import CHUNK, Readable, VerifyingReader, decompressor
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_WORKERS = 3
+DOWNLOAD_WORKERS = 4
+RAW_FILE_MODE = 0o644
 
 
 @dataclass
@@ -74,10 +80,10 @@ class Progress:
         if self.total <= 0:
             return self.phase
         pct = 100.0 * self.done / self.total
-        return f"{self.phase}: {_human(self.done)} of {_human(self.total)} ({pct:.0f}%)"
+        return f"{self.phase}: {human(self.done)} of {human(self.total)} ({pct:.0f}%)"
 
 
-def _human(n: int) -> str:
+def human(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -88,29 +94,33 @@ def _human(n: int) -> str:
 
 @dataclass
 class ResolvedImage:
-    """A reference pinned to one platform-specific manifest."""
+    """A reference pinned to one platform-specific manifest (and include set)."""
 
     reference: Reference
-    digest: str  # platform manifest digest: the store key
+    digest: str  # platform manifest digest
     manifest: ImageManifest | None  # None when served from the local record
     client: RegistryClient | None
+    include: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return tree_key(self.digest, self.include)
 
 
 class PullJob:
-    """One background pull of one manifest digest."""
+    """One background pull of one tree."""
 
-    def __init__(self, digest: str) -> None:
-        self.digest = digest
+    def __init__(self, key: str) -> None:
+        self.key = key
         self.progress = Progress()
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.tree: Path | None = None
-        self.finished_at = 0.0
 
     def wait(self, timeout: float | None) -> Path:
         if not self.done.wait(timeout):
             raise PullInProgress(
-                f"still pulling {self.digest} ({self.progress.describe()}); "
+                f"still pulling {self.key} ({self.progress.describe()}); "
                 "the pull continues in the background, retry to pick it up"
             )
         if self.error is not None:
@@ -125,7 +135,6 @@ class Puller:
         self.limits = limits or Limits()
         self._jobs: dict[str, PullJob] = {}
         self._lock = threading.Lock()
-        self.downloads = 0  # blobs fetched from a registry (tests assert single flight)
 
     # -- resolution -------------------------------------------------------------
 
@@ -135,20 +144,23 @@ class Puller:
         platform: Platform,
         policy: PullPolicy,
         credentials: Credentials | None,
+        include: tuple[str, ...] = (),
     ) -> ResolvedImage:
         """Pin `ref` to a platform manifest digest, honouring the pull policy.
 
         Never and IfNotPresent answer from the node's record of earlier
-        resolutions without touching the network when they can.
+        resolutions without touching the network when the tree is there.
         """
         key_ref, plat = str(ref), str(platform)
         if policy is not PullPolicy.ALWAYS:
             known = self.store.lookup_ref(key_ref, plat)
-            if known is not None:
-                return ResolvedImage(ref, known, None, None)
+            if known is not None and self.store.image(tree_key(known, include)) is not None:
+                return ResolvedImage(ref, known, None, None, include)
             if policy is PullPolicy.NEVER:
+                what = f" with include={','.join(include)}" if include else ""
                 raise FailedPrecondition(
-                    f"image {ref} ({plat}) is not present on this node and pullPolicy is Never"
+                    f"image {ref} ({plat}){what} is not present on this node "
+                    "and pullPolicy is Never"
                 )
         client = RegistryClient(ref, credentials)
         top = client.get_manifest(ref.manifest_key)
@@ -160,22 +172,20 @@ class Puller:
                 raise IntegrityError(f"index entry {chosen.digest} of {ref} is itself an index")
         manifest = parse_manifest(fetched.data, fetched.media_type)
         log.info("resolved %s (%s) to %s (top-level %s)", ref, plat, fetched.digest, top.digest)
-        return ResolvedImage(ref, fetched.digest, manifest, client)
+        return ResolvedImage(ref, fetched.digest, manifest, client, include)
 
     # -- pulling ------------------------------------------------------------------
 
     def ensure(self, resolved: ResolvedImage, platform: Platform, wait: float | None) -> Path:
-        """The image's tree, pulling it if needed; waits at most `wait` seconds."""
-        rec = self.store.image(resolved.digest)
-        if rec is not None:
+        """The tree, pulling it if needed; waits at most `wait` seconds."""
+        if self.store.image(resolved.key) is not None:
             self.store.remember_ref(str(resolved.reference), str(platform), resolved.digest)
-            return self.store.tree(resolved.digest)
-        job = self.job_for(resolved, platform)
-        return job.wait(wait)
+            return self.store.tree(resolved.key)
+        return self.job_for(resolved, platform).wait(wait)
 
     def job_for(self, resolved: ResolvedImage, platform: Platform) -> PullJob:
         with self._lock:
-            job = self._jobs.get(resolved.digest)
+            job = self._jobs.get(resolved.key)
             if job is not None and job.done.is_set():
                 # A finished job is never reused: after a success the tree is in
                 # the store; after a failure the retry must look at the registry
@@ -183,16 +193,15 @@ class Puller:
                 job = None
             if job is None:
                 if resolved.manifest is None or resolved.client is None:
-                    raise FailedPrecondition(f"image {resolved.digest} vanished from the store")
-                job = PullJob(resolved.digest)
-                self._jobs[resolved.digest] = job
-                thread = threading.Thread(
+                    raise FailedPrecondition(f"image {resolved.key} vanished from the store")
+                job = PullJob(resolved.key)
+                self._jobs[resolved.key] = job
+                threading.Thread(
                     target=self._run,
                     args=(job, resolved, platform),
                     name=f"pull-{resolved.digest[7:19]}",
                     daemon=True,
-                )
-                thread.start()
+                ).start()
             return job
 
     def active_jobs(self) -> list[PullJob]:
@@ -202,61 +211,49 @@ class Puller:
     def _run(self, job: PullJob, resolved: ResolvedImage, platform: Platform) -> None:
         started = time.monotonic()
         try:
-            job.tree = self._pull(job, resolved)
+            job.tree, record = self._pull(job, resolved)
             self.store.remember_ref(str(resolved.reference), str(platform), resolved.digest)
-            log.info(
-                "pulled %s as %s: %s in %.2fs",
-                resolved.reference,
-                resolved.digest,
-                _human(job.progress.done),
-                time.monotonic() - started,
-            )
+            log.info("pulled %s in %.2fs", record.summary(), time.monotonic() - started)
         except BaseException as exc:
-            job.error = (
-                exc
-                if isinstance(exc, CsiOciError | OSError)
-                else CsiOciError(f"pull failed: {exc!r}")
-            )
-            if isinstance(exc, OSError) and exc.errno in (28, 122):
-                job.error = OutOfSpace(
-                    f"no space left on the state directory while pulling {resolved.reference}"
-                )
-            log.warning(
-                "pull of %s (%s) failed: %s", resolved.reference, resolved.digest, job.error
-            )
+            job.error = _as_pull_error(exc, resolved)
+            log.warning("pull of %s (%s) failed: %s", resolved.reference, resolved.key, job.error)
         finally:
-            job.finished_at = time.monotonic()
             job.done.set()
 
-    def _pull(self, job: PullJob, resolved: ResolvedImage) -> Path:
+    def _pull(self, job: PullJob, resolved: ResolvedImage) -> tuple[Path, ImageRecord]:
         assert resolved.manifest is not None and resolved.client is not None
         manifest, client = resolved.manifest, resolved.client
-        config_bytes = client.get_blob_bytes(
+        config = client.get_blob_bytes(
             manifest.config, f"config {manifest.config.digest}", MAX_CONFIG_BYTES
         )
-        config = parse_config(config_bytes)
-        if len(config.diff_ids) != len(manifest.layers):
-            raise IntegrityError(
-                f"image {resolved.reference}: config lists {len(config.diff_ids)} diff_ids "
-                f"but the manifest has {len(manifest.layers)} layers"
-            )
-        for layer in manifest.layers:
-            layer_compression(layer)  # refuse unknown media types before any download
-        job.progress.total = manifest.total_layer_bytes
+        plan = plan_for(manifest, config)
+        select = include_matcher(resolved.include)
+        layers = tuple(lp for lp in plan.layers if _may_match(lp, select))
+        job.progress.total = sum(lp.desc.size for lp in layers)
         job.progress.phase = "pulling"
+        budget = Budget(self._limits_for(layers))
         staging = self.store.new_staging()
         try:
-            unpacked = self._apply_layers(
-                job, client, manifest, config.diff_ids, staging / "rootfs"
-            )
+            rootfs = staging / "rootfs"
+            if plan.sequential:
+                self._apply_image(job, client, layers, rootfs, budget, select)
+            else:
+                self._apply_artifact(
+                    job, client, replace(plan, layers=layers), rootfs, budget, select
+                )
+            files, nbytes = _count_tree(rootfs)
             record = ImageRecord(
                 digest=resolved.digest,
                 reference=str(resolved.reference),
                 config_digest=manifest.config.digest,
-                layers=[layer.digest for layer in manifest.layers],
-                compressed_bytes=manifest.total_layer_bytes,
-                unpacked_bytes=unpacked,
+                layers=[lp.desc.digest for lp in layers],
+                compressed_bytes=job.progress.total,
+                unpacked_bytes=nbytes,
                 pulled_at=time.time(),
+                packaging=plan.packaging,
+                files=files,
+                include=list(resolved.include),
+                key=resolved.key,
             )
             job.progress.phase = "committing"
             tree = self.store.commit(staging, record)
@@ -264,79 +261,248 @@ class Puller:
             self.store.discard(staging)
             raise
         finally:
-            for layer in manifest.layers:
-                with contextlib.suppress(OSError):
-                    self.store.blob_path(layer.digest).unlink()
-        return tree
+            for lp in layers:
+                if lp.kind == Kind.IMAGE_TAR:  # spooled ahead; raw blobs are storage
+                    with contextlib.suppress(OSError):
+                        self.store.blob_path(lp.desc.digest).unlink()
+        return tree, record
 
-    def _apply_layers(
+    def _limits_for(self, layers: tuple[LayerPlan, ...]) -> Limits:
+        """The byte budget: what the producer declared when every layer did."""
+        declared = [lp.declared_bytes for lp in layers]
+        if declared and all(d is not None for d in declared):
+            total = sum(d for d in declared if d is not None)
+            return replace(self.limits, max_bytes=min(self.limits.max_bytes, total))
+        return self.limits
+
+    # -- images: ordered layers ------------------------------------------------------
+
+    def _apply_image(
         self,
         job: PullJob,
         client: RegistryClient,
-        manifest: ImageManifest,
-        diff_ids: tuple[str, ...],
+        layers: tuple[LayerPlan, ...],
         rootfs: Path,
-    ) -> int:
-        pipeline = _LayerPipeline(self, job, client, manifest.layers)
+        budget: Budget,
+        select: Callable[[str], bool] | None,
+    ) -> None:
+        pipeline = _LayerPipeline(self, job, client, layers)
         root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        applier = LayerApplier(root_fd, self.limits)
-        total = 0
+        applier = LayerApplier(root_fd, budget=budget, policy=Policy(image=True, select=select))
         try:
-            for index, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
-                what = f"layer {index + 1}/{len(manifest.layers)} ({layer.digest})"
+            for index, lp in enumerate(layers):
+                what = f"layer {index + 1}/{len(layers)} ({lp.desc.digest})"
                 with pipeline.open_layer(index) as (source, verified):
-                    total += self._apply_one(applier, layer, diff_id, source, verified, what)
+                    _apply_tar(applier, lp, source, verified, what)
         finally:
             pipeline.close()
             os.close(root_fd)
-        return total
 
-    def _apply_one(
+    # -- artifacts: independent layers, in parallel -------------------------------------
+
+    def _apply_artifact(
         self,
-        applier: LayerApplier,
-        layer: Descriptor,
-        diff_id: str,
-        source: Readable,
-        verified: bool,
+        job: PullJob,
+        client: RegistryClient,
+        plan: Plan,
+        rootfs: Path,
+        budget: Budget,
+        select: Callable[[str], bool] | None,
+    ) -> None:
+        root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        claimed: dict[str, str] = {}
+        claim_lock = threading.Lock()
+        cancel = threading.Event()
+
+        def one(index: int, lp: LayerPlan) -> None:
+            what = f"layer {index + 1}/{len(plan.layers)} ({lp.desc.digest})"
+            if cancel.is_set():
+                return
+            if lp.kind == Kind.RAW_FILE:
+                assert lp.path is not None
+                with claim_lock:
+                    previous = claimed.setdefault(lp.path, what)
+                if previous != what:
+                    raise InvalidLayer(f"{what}: duplicate path {lp.path!r}, also in {previous}")
+                budget.charge(1, lp.desc.size, f"{what}: {lp.path!r}")
+                blob = self._raw_blob(job, client, lp, what, cancel)
+                _link_into(root_fd, lp.path, blob, what)
+                return
+            under = tuple(lp.path.split("/")) if lp.path else ()
+            layer_budget = budget
+            if lp.declared_bytes is not None:
+                layer_budget = Budget(Limits(max_bytes=lp.declared_bytes), parent=budget)
+            policy = Policy(
+                image=False, select=select, under=under, claimed=claimed, claim_lock=claim_lock
+            )
+            applier = LayerApplier(root_fd, budget=layer_budget, policy=policy)
+            resp = client.open_blob(lp.desc, what)
+            try:
+                _apply_tar(
+                    applier, lp, _CountingReader(resp.raw, job.progress.add, cancel), False, what
+                )
+            finally:
+                resp.close()
+
+        try:
+            with ThreadPoolExecutor(
+                max_workers=DOWNLOAD_WORKERS, thread_name_prefix="layer"
+            ) as pool:
+                futures = [pool.submit(one, i, lp) for i, lp in enumerate(plan.layers)]
+                errors = []
+                for fut in futures:
+                    try:
+                        fut.result()
+                    except BaseException as exc:
+                        cancel.set()
+                        errors.append(exc)
+            if errors:
+                raise _most_telling(errors)
+        finally:
+            os.close(root_fd)
+
+    def _raw_blob(
+        self,
+        job: PullJob,
+        client: RegistryClient,
+        lp: LayerPlan,
         what: str,
-    ) -> int:
-        compression = layer_compression(layer)
-        blob = source if verified else VerifyingReader(source, layer.digest, layer.size, what)
-        if compression == "none":
-            if diff_id != layer.digest:
-                raise IntegrityError(f"{what}: uncompressed layer but config diff_id is {diff_id}")
-            tar_stream: Readable = blob
-            diff_reader = None
-        else:
+        cancel: threading.Event,
+    ) -> Path:
+        """The verified blob in the shared blob store, downloading it if needed."""
+        final = self.store.blob_path(lp.desc.digest)
+        if final.exists():
+            job.progress.add(lp.desc.size)
+            return final
+        fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".partial", dir=final.parent)
+        try:
+            with contextlib.suppress(OSError):
+                os.posix_fallocate(fd, 0, lp.desc.size) if lp.desc.size else None
+            resp = client.open_blob(lp.desc, what)
+            try:
+                reader = VerifyingReader(
+                    resp.raw, lp.desc.digest, lp.desc.size, what, job.progress.add
+                )
+                while chunk := reader.read(CHUNK):
+                    if cancel.is_set():
+                        raise CsiOciError("pull cancelled: another layer failed")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            finally:
+                resp.close()
+            os.fchmod(fd, RAW_FILE_MODE)
+            os.close(fd)
+            fd = -1
+            os.rename(tmp, final)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return final
+
+
+def _may_match(lp: LayerPlan, select: Callable[[str], bool] | None) -> bool:
+    """Can this layer hold a wanted file? Only layers known to be one file can say no."""
+    if select is None:
+        return True
+    if lp.kind == Kind.RAW_FILE:
+        return lp.path is not None and select(lp.path)
+    if lp.kind == Kind.ARTIFACT_TAR and lp.path is not None and lp.declared_bytes is not None:
+        return select(lp.path)  # a tar of one regular file at that path
+    return True
+
+
+def _apply_tar(
+    applier: LayerApplier, lp: LayerPlan, source: Readable, verified: bool, what: str
+) -> None:
+    """Verify (digest, diff_id), decompress and apply one tar layer."""
+    blob = source if verified else VerifyingReader(source, lp.desc.digest, lp.desc.size, what)
+    diff_reader = None
+    if lp.compression == Compression.NONE:
+        if lp.diff_id is not None and lp.diff_id != lp.desc.digest:
+            raise IntegrityError(f"{what}: uncompressed layer but its diff_id is {lp.diff_id}")
+        tar_stream: Readable = blob
+    else:
+        stream = decompressor(blob, lp.compression, what)
+        if lp.diff_id is not None:
             diff_reader = VerifyingReader(
-                decompressor(blob, compression, what),
-                diff_id,
-                None,
-                f"{what} (uncompressed, diff_id)",
+                stream, lp.diff_id, None, f"{what} (uncompressed, diff_id)"
             )
             tar_stream = diff_reader
-        try:
-            stats = applier.apply(tar_stream, what)
-        except InvalidLayer:
-            if isinstance(blob, VerifyingReader) and not blob.verified:
-                # Undecodable bytes are most often wrong bytes: finish hashing
-                # so the error names the digest mismatch when that is the cause.
-                blob.drain()
-            raise
-        if diff_reader is not None:
-            diff_reader.drain()
-        if isinstance(blob, VerifyingReader):
+        else:
+            tar_stream = stream
+    try:
+        stats = applier.apply(tar_stream, what)
+    except InvalidLayer:
+        if isinstance(blob, VerifyingReader) and not blob.verified:
+            # Undecodable bytes are most often wrong bytes: finish hashing so the
+            # error names the digest mismatch when that is the cause.
             blob.drain()
-        if stats.skipped_special:
-            log.info("%s: skipped %d device nodes/FIFOs", what, len(stats.skipped_special))
-        return stats.bytes
+        raise
+    if diff_reader is not None:
+        diff_reader.drain()
+    elif tar_stream is not blob:
+        _drain(tar_stream)
+    if isinstance(blob, VerifyingReader):
+        blob.drain()
+    if stats.skipped_special:
+        log.info("%s: skipped %d device nodes/FIFOs", what, len(stats.skipped_special))
+
+
+def _drain(stream: Readable) -> None:
+    while stream.read(CHUNK):
+        pass
+
+
+def _link_into(root_fd: int, path: str, blob: Path, what: str) -> None:
+    """Hard-link a stored blob at `path` in the tree (in-root resolution)."""
+    parts = path.split("/")
+    parent = resolve_dir(root_fd, parts[:-1], create=True)
+    assert parent is not None
+    try:
+        os.link(blob, parts[-1], dst_dir_fd=parent, follow_symlinks=False)
+    except FileExistsError:
+        raise InvalidLayer(f"{what}: path {path!r} is already taken by another layer") from None
+    finally:
+        os.close(parent)
+
+
+def _count_tree(root: Path) -> tuple[int, int]:
+    """Regular files and their bytes in a finished tree (never following links)."""
+    files = nbytes = 0
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                nbytes += st.st_size
+    return files, nbytes
+
+
+def _most_telling(errors: list[BaseException]) -> BaseException:
+    """Of parallel failures, the root cause rather than a consequent cancellation."""
+    real = [e for e in errors if not (isinstance(e, CsiOciError) and "pull cancelled" in str(e))]
+    return (real or errors)[0]
+
+
+def _as_pull_error(exc: BaseException, resolved: ResolvedImage) -> BaseException:
+    if isinstance(exc, OSError) and exc.errno in (28, 122):
+        return OutOfSpace(
+            f"no space left on the state directory while pulling {resolved.reference}"
+        )
+    if isinstance(exc, CsiOciError | OSError):
+        return exc
+    return CsiOciError(f"pull failed: {exc!r}")
 
 
 class _LayerPipeline:
-    """Hands the applier each layer in order: a live stream or a spooled file."""
+    """Hands the image applier each layer in order: a live stream or a spooled file."""
 
     def __init__(
-        self, puller: Puller, job: PullJob, client: RegistryClient, layers: tuple[Descriptor, ...]
+        self, puller: Puller, job: PullJob, client: RegistryClient, layers: tuple[LayerPlan, ...]
     ) -> None:
         self._puller = puller
         self._job = job
@@ -347,15 +513,16 @@ class _LayerPipeline:
         self._spooled: list[Future[Path] | None] = [None] * len(layers)
         self._applying = 0
         self._stop = False
-        self._pool = ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS, thread_name_prefix="blob")
-        for index, layer in enumerate(layers):
-            if puller.store.blob_path(layer.digest).exists():
+        self._pool = ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS - 1, thread_name_prefix="blob")
+        for index, lp in enumerate(layers):
+            path = puller.store.blob_path(lp.desc.digest)
+            if path.exists():
                 self._claimed[index] = True  # spooled by an earlier attempt, verified then
                 done: Future[Path] = Future()
-                done.set_result(puller.store.blob_path(layer.digest))
-                job.progress.add(layer.size)
+                done.set_result(path)
+                job.progress.add(lp.desc.size)
                 self._spooled[index] = done
-        for _ in range(min(DOWNLOAD_WORKERS, max(0, len(layers) - 1))):
+        for _ in range(min(DOWNLOAD_WORKERS - 1, max(0, len(layers) - 1))):
             self._pool.submit(self._worker)
 
     def close(self) -> None:
@@ -386,18 +553,15 @@ class _LayerPipeline:
                 return
 
     def _spool(self, index: int) -> Path:
-        layer = self._layers[index]
-        final = self._puller.store.blob_path(layer.digest)
+        desc = self._layers[index].desc
+        final = self._puller.store.blob_path(desc.digest)
         fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".partial", dir=final.parent)
         os.close(fd)
         partial = Path(tmp)
-        what = f"layer {index + 1}/{len(self._layers)} ({layer.digest})"
-        resp = self._client.open_blob(layer, what)
-        self._puller.downloads += 1
+        what = f"layer {index + 1}/{len(self._layers)} ({desc.digest})"
+        resp = self._client.open_blob(desc, what)
         try:
-            reader = VerifyingReader(
-                resp.raw, layer.digest, layer.size, what, self._job.progress.add
-            )
+            reader = VerifyingReader(resp.raw, desc.digest, desc.size, what, self._job.progress.add)
             with open(partial, "wb") as out:
                 while chunk := reader.read(CHUNK):
                     if self._stop:
@@ -433,9 +597,8 @@ class _LayerPipeline:
             with spooled:
                 yield spooled, True
             return
-        layer = self._layers[index]
-        resp = self._client.open_blob(layer, f"layer {layer.digest}")
-        self._puller.downloads += 1
+        desc = self._layers[index].desc
+        resp = self._client.open_blob(desc, f"layer {desc.digest}")
         try:
             yield _CountingReader(resp.raw, self._job.progress.add), False
         finally:
@@ -443,14 +606,22 @@ class _LayerPipeline:
 
 
 class _CountingReader:
-    def __init__(self, source: Readable, on_bytes: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        source: Readable,
+        on_bytes: Callable[[int], None],
+        cancel: threading.Event | None = None,
+    ) -> None:
         self._source = source
         self._on_bytes = on_bytes
+        self._cancel = cancel
 
     def read(self, n: int = -1, /) -> bytes:
+        if self._cancel is not None and self._cancel.is_set():
+            raise CsiOciError("pull cancelled: another layer failed")
         data = self._source.read(n)
         self._on_bytes(len(data))
         return data
 
 
-__all__ = ["IntegrityError", "OutOfSpace", "Progress", "PullJob", "Puller", "ResolvedImage"]
+__all__ = ["Progress", "PullJob", "Puller", "ResolvedImage"]

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from csi_oci.applier import Limits
 from csi_oci.controller import ControllerService
 from csi_oci.csi.v1 import csi_pb2_grpc
 from csi_oci.errors import CsiOciError, FailedPrecondition, InvalidArgument, status_code_for
@@ -45,7 +46,11 @@ class NodeParts:
 
 
 def build_node_parts(
-    state_dir: Path, *, publish_wait: float = 90.0, lock: str = "wait"
+    state_dir: Path,
+    *,
+    publish_wait: float = 90.0,
+    lock: str = "wait",
+    max_image_bytes: int = 1 << 40,
 ) -> NodeParts:
     """Wire the data path (shared by `serve` and the CLI commands).
 
@@ -54,7 +59,7 @@ def build_node_parts(
     (read-only inspection: no lock, no recovery).
     """
     store = Store(state_dir)
-    puller = Puller(store)
+    puller = Puller(store, limits=Limits(max_bytes=max_image_bytes))
     volumes = VolumeManager(store, puller, publish_wait=publish_wait)
     if lock == "none":
         return NodeParts(store, puller, volumes)
@@ -157,6 +162,7 @@ class ServeOptions:
     driver_name: str
     mode: str  # node | controller | all
     publish_wait: float = 90.0
+    max_image_bytes: int = 1 << 40
 
 
 def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
@@ -170,7 +176,9 @@ def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
     if with_node:
         if not opts.node_id:
             raise InvalidArgument("--node-id is required in node mode")
-        parts = build_node_parts(opts.state_dir, publish_wait=opts.publish_wait)
+        parts = build_node_parts(
+            opts.state_dir, publish_wait=opts.publish_wait, max_image_bytes=opts.max_image_bytes
+        )
         csi_pb2_grpc.add_NodeServicer_to_server(NodeService(opts.node_id, parts.volumes), server)
         ready = parts.store.usable
     else:

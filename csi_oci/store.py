@@ -26,11 +26,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from csi_oci.errors import FailedPrecondition
+from csi_oci.errors import CsiOciError, FailedPrecondition
 from csi_oci.reference import validate_digest
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,42 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def tree_key(digest: str, include: tuple[str, ...] = ()) -> str:
+    """Store key of a tree: the manifest digest, plus the include set if any.
+
+    Different include sets of one image are distinct trees (raw files among
+    them are hard links to one shared blob).
+    """
+    validate_digest(digest)
+    if not include:
+        return digest
+    h = hashlib.sha256("\n".join(include).encode()).hexdigest()[:16]
+    return f"{digest}.include-{h}"
+
+
 @dataclass(frozen=True)
 class ImageRecord:
-    """Metadata of one unpacked image tree."""
+    """Metadata of one unpacked tree: `image.json` beside it, shown by `csi-oci ls`."""
 
     digest: str  # manifest digest (platform-specific)
     reference: str  # reference it was first pulled as
     config_digest: str
     layers: list[str]
-    compressed_bytes: int
+    compressed_bytes: int  # bytes of the layers this tree needed
     unpacked_bytes: int
     pulled_at: float
+    packaging: str = "image"
+    files: int = 0
+    include: list[str] = field(default_factory=list)
+    key: str = ""
+
+    def summary(self) -> str:
+        """The one-line summary users see in the log and in `csi-oci ls`."""
+        inc = f" include={','.join(self.include)}" if self.include else ""
+        return (
+            f"{self.reference} {self.digest} {self.packaging}: {self.files} files, "
+            f"{self.unpacked_bytes} bytes{inc}"
+        )
 
 
 class Store:
@@ -132,20 +157,27 @@ class Store:
 
     # -- images ---------------------------------------------------------------
 
-    def _image_dir(self, digest: str) -> Path:
+    def _image_dir(self, key: str) -> Path:
+        digest, dot, suffix = key.partition(".")
         algo, _, hexpart = validate_digest(digest).partition(":")
         if algo != "sha256":
             raise ValueError("only sha256 manifests are stored")
-        return self.images / hexpart
+        if dot and not (suffix.startswith("include-") and suffix[8:].isalnum()):
+            raise ValueError(f"bad store key {key!r}")
+        return self.images / (hexpart + dot + suffix)
 
-    def tree(self, digest: str) -> Path:
-        return self._image_dir(digest) / "rootfs"
+    def tree(self, key: str) -> Path:
+        return self._image_dir(key) / "rootfs"
 
-    def image(self, digest: str) -> ImageRecord | None:
-        raw = read_json(self._image_dir(digest) / "image.json")
-        if raw is None or not (self._image_dir(digest) / "rootfs").is_dir():
+    def image(self, key: str) -> ImageRecord | None:
+        raw = read_json(self._image_dir(key) / "image.json")
+        if raw is None or not (self._image_dir(key) / "rootfs").is_dir():
             return None
-        return ImageRecord(**raw)
+        try:
+            return ImageRecord(**raw)
+        except TypeError:
+            log.warning("ignoring unreadable image record %s", key)
+            return None
 
     def new_staging(self) -> Path:
         self.ensure_layout()
@@ -158,11 +190,11 @@ class Store:
         write_json_atomic(staging / "image.json", asdict(record))
         os.chmod(staging, 0o755)
         syncfs(staging)
-        final = self._image_dir(record.digest)
+        final = self._image_dir(record.key or record.digest)
         try:
             os.rename(staging, final)
         except OSError:
-            if self.image(record.digest) is None:
+            if self.image(record.key or record.digest) is None:
                 raise
             # Someone committed the same image first: theirs is as good as ours.
             shutil.rmtree(staging, ignore_errors=True)
@@ -174,7 +206,10 @@ class Store:
     def list_images(self) -> list[ImageRecord]:
         out = []
         for entry in sorted(self.images.iterdir()) if self.images.is_dir() else []:
-            rec = self.image("sha256:" + entry.name) if len(entry.name) == 64 else None
+            try:
+                rec = self.image("sha256:" + entry.name)
+            except (ValueError, CsiOciError):
+                continue
             if rec is not None:
                 out.append(rec)
         return out
@@ -192,11 +227,14 @@ class Store:
         )
 
     def lookup_ref(self, reference: str, platform: str) -> str | None:
+        """The digest this reference resolved to last time on this node, if known."""
         raw = read_json(self._ref_path(reference, platform))
         if not raw or raw.get("reference") != reference:
             return None
-        digest = str(raw.get("digest", ""))
-        return digest if self.image(digest) is not None else None
+        try:
+            return validate_digest(str(raw.get("digest", "")))
+        except CsiOciError:
+            return None
 
     # -- spooled blobs ----------------------------------------------------------
 

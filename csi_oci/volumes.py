@@ -50,6 +50,7 @@ class VolumeRecord:
     image_digest: str
     state: str
     published_at: float
+    tree: str = ""  # store key of the tree (digest, plus include set)
 
 
 class VolumeManager:
@@ -93,10 +94,11 @@ class VolumeManager:
         return out
 
     def refcounts(self) -> dict[str, int]:
-        """Image digest -> number of volumes using its tree."""
+        """Tree key (image digest, plus include set) -> number of volumes using it."""
         counts: dict[str, int] = {}
         for rec in self.all_records():
-            counts[rec.image_digest] = counts.get(rec.image_digest, 0) + 1
+            key = rec.tree or rec.image_digest
+            counts[key] = counts.get(key, 0) + 1
         return counts
 
     def recover(self) -> None:
@@ -142,13 +144,13 @@ class VolumeManager:
                     "hostPath volume and disk"
                 )
             resolved = self.puller.resolve(
-                spec.reference, spec.platform, spec.pull_policy, credentials
+                spec.reference, spec.platform, spec.pull_policy, credentials, spec.include
             )
             budget = self.publish_wait if wait is None else wait
             tree = self.puller.ensure(
                 resolved, spec.platform, None if math.isinf(budget) else budget
             )
-            return self._mount(volume_id, target, spec, resolved.digest, tree)
+            return self._mount(volume_id, target, spec, resolved.digest, tree, resolved.key)
 
     def _republish_check(
         self, volume_id: str, target: str, spec: VolumeSpec
@@ -170,9 +172,11 @@ class VolumeManager:
         )
 
     def _mount(
-        self, volume_id: str, target: str, spec: VolumeSpec, digest: str, tree: Path
+        self, volume_id: str, target: str, spec: VolumeSpec, digest: str, tree: Path, key: str
     ) -> VolumeRecord:
-        rec = VolumeRecord(volume_id, target, spec.canonical(), digest, STATE_MOUNTING, time.time())
+        rec = VolumeRecord(
+            volume_id, target, spec.canonical(), digest, STATE_MOUNTING, time.time(), key
+        )
         self._save(rec)
         created = False
         try:

@@ -233,6 +233,7 @@ def test_parse_oci_manifest():
                 {"org.opencontainers.image.title": "weights.bin"},
             ),
         ),
+        annotations=(("org.opencontainers.image.created", "2024-01-01T00:00:00Z"),),
     )
     assert m.total_layer_bytes == 300
 
