@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from csi_oci.errors import InvalidLayer, OutOfSpace
+from csi_oci.faults import crash_point
 from csi_oci.streams import CHUNK, Readable
 
 log = logging.getLogger(__name__)
@@ -347,6 +348,8 @@ class _LayerRun:
         parts = split_member_name(m.name, f"{self.what}: entry")
         self.owner._charge(1, m.size if m.isreg() else 0, where)
         self.stats.entries += 1
+        if self.stats.entries == 2:
+            crash_point("mid-extract")
         if not policy.image:
             self._artifact_checks(m, parts, where)
         if not parts:

@@ -42,6 +42,7 @@ from csi_oci.errors import (
     OutOfSpace,
     PullInProgress,
 )
+from csi_oci.faults import crash_point
 from csi_oci.manifest import (
     INDEX_TYPES,
     MAX_CONFIG_BYTES,
@@ -256,6 +257,7 @@ class Puller:
                 key=resolved.key,
             )
             job.progress.phase = "committing"
+            crash_point("before-commit")
             tree = self.store.commit(staging, record)
         except BaseException:
             self.store.discard(staging)
@@ -395,6 +397,7 @@ class Puller:
             os.close(fd)
             fd = -1
             os.rename(tmp, final)
+            crash_point("after-download")
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -574,6 +577,7 @@ class _LayerPipeline:
             raise
         finally:
             resp.close()
+        crash_point("after-download")
         return final
 
     @contextlib.contextmanager
