@@ -396,7 +396,7 @@ class Puller:
             os.fchmod(fd, RAW_FILE_MODE)
             os.close(fd)
             fd = -1
-            os.rename(tmp, final)
+            self.store.commit_blob(Path(tmp), lp.desc.digest)
             crash_point("after-download")
         except BaseException:
             if fd >= 0:
@@ -570,7 +570,8 @@ class _LayerPipeline:
                     if self._stop:
                         raise CsiOciError("pull cancelled")
                     out.write(chunk)
-            os.rename(partial, final)
+            # Reused as verified by a retry: must not survive a reboot half-written.
+            self._puller.store.commit_blob(partial, desc.digest)
         except BaseException:
             with contextlib.suppress(OSError):
                 partial.unlink()

@@ -205,7 +205,7 @@ def serve(opts: ServeOptions) -> int:
     path = socket_path(opts.endpoint)
     remove_stale_socket(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    server, _ = build_server(opts)
+    server, parts = build_server(opts)
     server.add_insecure_port(f"unix://{path}")
     server.start()
     main_log = logging.getLogger("csi_oci")
@@ -224,6 +224,11 @@ def serve(opts: ServeOptions) -> int:
     # (the diagnosis) and exit anyway.
     faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE, exit=True)
     server.stop(grace=5).wait()
+    if parts is not None:
+        try:
+            parts.store.durable.flush()  # what a restart would otherwise re-check
+        except OSError as exc:
+            main_log.warning("final flush of the store failed: %s", exc)
     remove_stale_socket(path)
     main_log.info("stopped")
     return 0

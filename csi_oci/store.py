@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,6 +90,82 @@ def tree_key(digest: str, include: tuple[str, ...] = ()) -> str:
     return f"{digest}.include-{h}"
 
 
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class Durability:
+    """Background flushing of committed trees and blobs, safe across reboots.
+
+    Before an item is renamed into the store, a marker file naming it (and
+    holding this boot's id) is created; the filesystem journal orders that
+    metadata change before the rename. A single background thread runs
+    syncfs and then removes the markers that existed when it started. A
+    marker left from an *earlier boot* means the item may be torn (renamed
+    but its data never written): `torn()` lists those for removal.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._boot = boot_id()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def pending(self, name: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / name).write_text(self._boot)
+
+    def done(self, name: str) -> None:
+        (self.dir / name).unlink(missing_ok=True)
+
+    def torn(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for marker in sorted(self.dir.iterdir()):
+            try:
+                if marker.read_text().strip() != self._boot:
+                    out.append(marker.name)
+            except OSError:
+                out.append(marker.name)
+        return out
+
+    def request(self) -> None:
+        """Ask for a flush soon; returns at once."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="syncer", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Flush now, in the caller's thread (tests and shutdown)."""
+        self._sync_once()
+
+    def _run(self) -> None:
+        while self._wake.wait(timeout=60):
+            self._wake.clear()
+            try:
+                self._sync_once()
+            except OSError as exc:
+                log.warning("background flush of the store failed: %s", exc)
+
+    def _sync_once(self) -> None:
+        if not self.dir.is_dir():
+            return
+        covered = list(self.dir.iterdir())
+        if not covered:
+            return
+        syncfs(self.dir)
+        for marker in covered:
+            marker.unlink(missing_ok=True)
+        syncfs(self.dir)  # persist the removals: metadata only, cheap
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """Metadata of one unpacked tree: `image.json` beside it, shown by `csi-oci ls`."""
@@ -121,6 +198,7 @@ class Store:
         self.refs = self.root / "refs"
         self.blobs = self.root / "blobs" / "sha256"
         self.staging = self.root / "staging"
+        self.durable = Durability(self.root / "pending-sync")
 
     def lock(self, *, wait: bool) -> int:
         """Take the state dir's owner lock (held until the process exits).
@@ -141,13 +219,26 @@ class Store:
         return fd
 
     def ensure_layout(self) -> None:
-        for d in (self.images, self.refs, self.blobs, self.staging):
+        for d in (self.images, self.refs, self.blobs, self.staging, self.durable.dir):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.staging, 0o700)
 
     def recover(self) -> None:
-        """Remove what interrupted pulls left behind (staging trees, partial blobs)."""
+        """Remove what interrupted pulls left behind (staging trees, partial blobs),
+        and whatever a reboot may have torn before it reached the disk."""
         self.ensure_layout()
+        for name in self.durable.torn():
+            kind, _, item = name.partition("-")
+            path = (self.images if kind == "image" else self.blobs) / item
+            log.warning(
+                "removing %s %s: committed but not yet on disk when the node went down", kind, item
+            )
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            self.durable.done(name)
+        self.durable.request()  # anything pending from this boot: flush it now
         for entry in self.staging.iterdir():
             log.info("removing leftover staging directory %s", entry.name)
             shutil.rmtree(entry, ignore_errors=True)
@@ -186,11 +277,16 @@ class Store:
         return path
 
     def commit(self, staging: Path, record: ImageRecord) -> Path:
-        """Make a finished staging tree the image's tree, atomically."""
+        """Make a finished staging tree the image's tree, atomically.
+
+        The rename makes it visible at once; flushing it to disk happens in
+        the background (see `durable`), so a publish does not wait for the
+        disk. Until then a pending-sync marker names it.
+        """
         write_json_atomic(staging / "image.json", asdict(record))
         os.chmod(staging, 0o755)
-        syncfs(staging)
         final = self._image_dir(record.key or record.digest)
+        self.durable.pending(f"image-{final.name}")
         try:
             os.rename(staging, final)
         except OSError:
@@ -198,7 +294,16 @@ class Store:
                 raise
             # Someone committed the same image first: theirs is as good as ours.
             shutil.rmtree(staging, ignore_errors=True)
+        self.durable.request()
         return final / "rootfs"
+
+    def commit_blob(self, tmp: Path, digest: str) -> Path:
+        """Move a verified blob into the blob store (flushed in the background)."""
+        final = self.blob_path(digest)
+        self.durable.pending(f"blob-{final.name}")
+        os.rename(tmp, final)
+        self.durable.request()
+        return final
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)

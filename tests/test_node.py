@@ -573,3 +573,35 @@ def test_full_disk_is_resource_exhausted_and_leaves_nothing(registry, tmp_path, 
         d.unpublish(target)
     finally:
         d.stop()
+
+
+def test_reboot_before_flush_discards_torn_trees_and_blobs(registry, tmp_path):
+    """A tree or blob renamed into the store whose flush never happened before the
+    node went down (its pending-sync marker holds another boot id) is removed at
+    start and pulled again; one flushed in time is kept."""
+    img = Image([Layer([File("w", b"weights")])])
+    push_image(registry, img, "node/reboot:v1", tmp_path)
+    ref = f"{registry.host}/node/reboot:v1"
+    d = Driver(tmp_path / "drv")
+    target = target_in(tmp_path)
+    try:
+        d.publish(target, {"image": ref})
+        d.unpublish(target)
+    finally:
+        d.stop()
+    hexd = img.manifest_digest.split(":")[1]
+    tree = d.state_dir / "images" / "sha256" / hexd
+    pending = d.state_dir / "pending-sync"
+    assert tree.is_dir() and list(pending.iterdir()) == [], "flushed in the background"
+    (pending / f"image-{hexd}").write_text("a-previous-boot-id")  # as if the flush never ran
+    (d.state_dir / "blobs" / "sha256" / ("f" * 64)).write_bytes(b"torn")
+    (pending / f"blob-{'f' * 64}").write_text("a-previous-boot-id")
+    d.start()
+    try:
+        assert not tree.exists(), "a possibly torn tree is not trusted"
+        assert not (d.state_dir / "blobs" / "sha256" / ("f" * 64)).exists()
+        d.publish(target, {"image": ref})
+        assert (target / "w").read_bytes() == b"weights"
+        d.unpublish(target)
+    finally:
+        d.stop()
