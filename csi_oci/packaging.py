@@ -56,12 +56,15 @@ MODELPACK_CONFIG_TYPES = (
     "application/vnd.cnai.model.config.v1+json",
 )
 MODELPACK_FILEPATH = ("org.cncf.model.filepath", "org.cnai.model.filepath")
-MODELPACK_FILE_METADATA = "org.cncf.model.file.metadata+json"
+MODELPACK_FILE_METADATA = ("org.cncf.model.file.metadata+json", "org.cnai.model.file.metadata+json")
+# oras-py marks a directory only by this media type (no unpack annotation),
+# and unpacks exactly this type on pull; oras CLI files are `...v1.tar`.
+ORAS_PY_DIR_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 _MODELPACK_LAYER = re.compile(
     r"^application/vnd\.(cncf|cnai)\.model\.([a-z.]+)\.v1\.(raw|tar|tar\+gzip|tar\+zstd)$"
 )
 _KITOPS_LAYER = re.compile(
-    r"^application/vnd\.kitops\.modelkit\.([a-z]+)\.v1\.tar(\+gzip|\+zstd)?$"
+    r"^application/vnd\.kitops\.modelkit\.([a-z]+)\.v1\.(raw|tar|tar\+gzip|tar\+zstd)$"
 )
 KITOPS_CONFIG_PREFIX = "application/vnd.kitops.modelkit.config"
 _FORMAT_COMPRESSION = {
@@ -174,7 +177,8 @@ def _oras(manifest: ImageManifest) -> Plan:
                 f"(media type {desc.media_type!r}): no file name to publish it under"
             )
         path = validated_path(title, f"{where} title")
-        if desc.annotations.get(ORAS_UNPACK, "").lower() == "true":
+        unpack = desc.annotations.get(ORAS_UNPACK, "").lower() == "true"
+        if unpack or desc.media_type == ORAS_PY_DIR_TYPE:
             compression = _oras_dir_compression(desc)
             layers.append(LayerPlan(desc, Kind.ARTIFACT_TAR, compression, path))
         else:
@@ -217,13 +221,13 @@ def _modelpack_diff_ids(config: bytes, count: int) -> tuple[str | None, ...]:
 
 def _declared_size(desc: Descriptor) -> int | None:
     """`org.cncf.model.file.metadata+json` gives a regular file's size."""
-    raw = desc.annotations.get(MODELPACK_FILE_METADATA)
-    if not raw:
+    key = next((k for k in MODELPACK_FILE_METADATA if k in desc.annotations), None)
+    if key is None:
         return None
     try:
-        meta = json.loads(raw)
+        meta = json.loads(desc.annotations[key])
     except json.JSONDecodeError:
-        raise InvalidLayer(f"layer {desc.digest}: malformed {MODELPACK_FILE_METADATA}") from None
+        raise InvalidLayer(f"layer {desc.digest}: malformed {key}") from None
     size = meta.get("size") if isinstance(meta, dict) else None
     typeflag = meta.get("typeflag") if isinstance(meta, dict) else None
     if isinstance(size, int) and size >= 0 and typeflag in (48, 0, "0", None):
@@ -274,14 +278,28 @@ def _modelpack(manifest: ImageManifest, config: bytes) -> Plan:
 
 
 def _kitops(manifest: ImageManifest) -> Plan:
+    """ModelKit layers: tars of paths relative to the Kitfile's context (or, with
+    `kit pack --layer-format raw`, the files themselves), each naming its path
+    in `org.cncf.model.filepath`."""
     layers = []
     for index, desc in enumerate(manifest.layers):
+        where = f"layer {index + 1} ({desc.digest})"
         match = _KITOPS_LAYER.match(desc.media_type)
         if match is None:
-            raise Unsupported(
-                f"layer {index + 1} ({desc.digest}): unsupported KitOps layer media type "
-                f"{desc.media_type!r}"
+            raise Unsupported(f"{where}: unsupported KitOps layer media type {desc.media_type!r}")
+        name = next(
+            (desc.annotations[k] for k in MODELPACK_FILEPATH if k in desc.annotations), None
+        )
+        path = validated_path(name, f"{where} filepath") if name is not None else None
+        if match.group(2) == "raw":
+            if path is None:
+                raise InvalidLayer(f"{where}: raw ModelKit layer without org.cncf.model.filepath")
+            layers.append(
+                LayerPlan(desc, Kind.RAW_FILE, Compression.NONE, path, desc.digest, desc.size)
             )
-        compression = _FORMAT_COMPRESSION[match.group(2) or ""]
-        layers.append(LayerPlan(desc, Kind.ARTIFACT_TAR, compression))
+        else:
+            compression = _FORMAT_COMPRESSION[match.group(2)]
+            layers.append(
+                LayerPlan(desc, Kind.ARTIFACT_TAR, compression, path, None, _declared_size(desc))
+            )
     return Plan("kitops", tuple(layers))
