@@ -47,6 +47,7 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_DEPTH = 256
 MAX_EXTENSION_HEADER_BYTES = 1 << 20  # a PAX record set or GNU long name
+XGLTYPE = tarfile.XGLTYPE
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _IS_ROOT = os.geteuid() == 0
@@ -64,14 +65,25 @@ class _StrictTarInfo(tarfile.TarInfo):
     @classmethod
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
         try:
-            return super().frombuf(buf, encoding, errors)
+            obj = super().frombuf(buf, encoding, errors)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
             raise tarfile.ReadError(f"corrupt tar header: {exc}") from None
+        if buf[257:265] == tarfile.GNU_MAGIC and obj.type not in tarfile.GNU_TYPES:
+            # In GNU headers bytes 345.. hold atime/ctime, not a ustar name
+            # prefix; tarfile glues them on. Go and GNU tar use the name alone.
+            name = tarfile.nts(buf[0:100], encoding, errors)
+            obj.name = name.rstrip("/") if obj.isdir() else name
+        return obj
 
     # tarfile reads a PAX record or a GNU long name/link wholly into memory,
     # whatever size its header claims: cap it before that read happens.
     def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
         self._check_extension_size("PAX header")
+        if self.type == XGLTYPE:
+            # A global header would apply to every later entry (tarfile merges
+            # it); containerd and Docker ignore them, so the tree must too.
+            tarfile.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
+            return self.fromtarfile(tarfile)
         return super()._proc_pax(tarfile)  # type: ignore[misc]
 
     def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
@@ -104,6 +116,8 @@ class Budget:
         self._lock = threading.Lock()
 
     def charge(self, entries: int, nbytes: int, what: str) -> None:
+        if entries < 0 or nbytes < 0:
+            raise InvalidLayer(f"{what}: negative size")
         if self.parent is not None:
             self.parent.charge(entries, nbytes, what)
         with self._lock:
@@ -280,6 +294,13 @@ class LayerApplier:
             layer.run(stream)
         except tarfile.TarError as exc:
             raise InvalidLayer(f"{what}: malformed tar archive: {exc}") from None
+        except RecursionError:
+            # tarfile recurses once per chained PAX/GNU extension header.
+            raise InvalidLayer(f"{what}: too many chained PAX/GNU extension headers") from None
+        except InvalidLayer as exc:
+            if not str(exc).startswith(what):
+                raise InvalidLayer(f"{what}: {exc}") from None
+            raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"{what}: no space left on the state directory's disk") from None
@@ -291,6 +312,10 @@ class LayerApplier:
 
     def _charge(self, entries: int, nbytes: int, what: str) -> None:
         self._budget.charge(entries, nbytes, what)
+
+    def charge_bytes(self, nbytes: int, what: str) -> None:
+        """Count bytes that were inflated but not written (e.g. padding)."""
+        self._budget.charge(0, nbytes, what)
 
 
 class _LayerRun:
@@ -344,6 +369,16 @@ class _LayerRun:
 
     def _apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         where = f"{self.what}: entry {m.name!r}"
+        try:
+            self._apply_checked(tf, m, where)
+        except InvalidLayer as exc:
+            if m.name not in str(exc):  # e.g. from in-root resolution
+                raise InvalidLayer(f"{where}: {exc}") from None
+            raise
+
+    def _apply_checked(self, tf: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> None:
+        if m.size < 0:
+            raise InvalidLayer(f"{where}: negative size {m.size}")
         policy = self.owner.policy
         parts = split_member_name(m.name, f"{self.what}: entry")
         self.owner._charge(1, m.size if m.isreg() else 0, where)
@@ -425,6 +460,13 @@ class _LayerRun:
         name = parts[-1]
         st = _lstat_at(parent, name)
         if st is not None and not (keep_dir and stat.S_ISDIR(st.st_mode)):
+            if not self.owner.policy.image:
+                # An artifact is a plain tree: a second entry for a path (or a
+                # file where a directory is, or the reverse) is an error.
+                raise InvalidLayer(
+                    f"{self.what}: entry {'/'.join(parts)!r}: duplicate path "
+                    "(already written by this or another layer)"
+                )
             remove_at(parent, name)
             if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 # The cached parent may have been reached through what was

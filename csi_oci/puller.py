@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 4
 RAW_FILE_MODE = 0o644
+MAX_TRAILING_BYTES = 16 << 20  # padding after a tar's end marker (records are 10 KiB)
 
 
 @dataclass
@@ -445,19 +446,33 @@ def _apply_tar(
             # error names the digest mismatch when that is the cause.
             blob.drain()
         raise
+    # Bytes after the end-of-archive marker are still hashed (they are part of
+    # the digest), but only padding belongs there: cap it, and count it.
     if diff_reader is not None:
-        diff_reader.drain()
+        trailing = diff_reader.drain(limit=MAX_TRAILING_BYTES)
     elif tar_stream is not blob:
-        _drain(tar_stream)
+        trailing = _drain(tar_stream)
+    else:
+        trailing = 0
+    if trailing > MAX_TRAILING_BYTES:
+        raise InvalidLayer(
+            f"{what}: {trailing} bytes after the tar end-of-archive marker "
+            f"(at most {MAX_TRAILING_BYTES} of padding allowed)"
+        )
+    applier.charge_bytes(trailing, f"{what}: padding after the end of the archive")
     if isinstance(blob, VerifyingReader):
         blob.drain()
     if stats.skipped_special:
         log.info("%s: skipped %d device nodes/FIFOs", what, len(stats.skipped_special))
 
 
-def _drain(stream: Readable) -> None:
-    while stream.read(CHUNK):
-        pass
+def _drain(stream: Readable) -> int:
+    total = 0
+    while chunk := stream.read(CHUNK):
+        total += len(chunk)
+        if total > MAX_TRAILING_BYTES:
+            break  # the caller refuses the layer; stop inflating
+    return total
 
 
 def _link_into(root_fd: int, path: str, blob: Path, what: str) -> None:

@@ -94,14 +94,20 @@ class VerifyingReader:
             )
         self.verified = True
 
-    def drain(self) -> int:
-        """Read to EOF (verifying); returns how many bytes were left over."""
+    def drain(self, limit: int | None = None) -> int:
+        """Read to EOF (verifying); returns how many bytes were left over.
+
+        With `limit`, stops early once more than that many bytes were read
+        (the caller refuses the stream; nothing is verified then).
+        """
         left = 0
         while True:
             data = self.read(CHUNK)
             if not data:
                 return left
             left += len(data)
+            if limit is not None and left > limit:
+                return left
 
 
 class GzipReader:
