@@ -54,14 +54,17 @@ from csi_oci.manifest import (
 )
 from csi_oci.packaging import Kind, LayerPlan, Plan, plan_for
 from csi_oci.reference import Reference
-from csi_oci.registry import RegistryClient
+from csi_oci.registry import RegistryClient, raw_body
 from csi_oci.store import ImageRecord, Store, tree_key
 from csi_oci.streams import CHUNK, Readable, VerifyingReader, decompressor
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_WORKERS = 4
+# Streams in flight: one more than cores (hashing and writing release the GIL);
+# on 2 cores 3 measured best, 4+ only contended.
+DOWNLOAD_WORKERS = max(3, min(8, (os.cpu_count() or 2) + 1))
 RAW_FILE_MODE = 0o644
+RAW_READ_SIZE = 4 << 20  # per read of a raw blob: large writes, few GIL round trips
 MAX_TRAILING_BYTES = 16 << 20  # padding after a tar's end marker (records are 10 KiB)
 
 
@@ -379,17 +382,19 @@ class Puller:
             return final
         fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".partial", dir=final.parent)
         try:
-            with contextlib.suppress(OSError):
-                os.posix_fallocate(fd, 0, lp.desc.size) if lp.desc.size else None
+            if lp.desc.size:
+                # Reserve the space up front: a full disk fails before the download.
+                os.posix_fallocate(fd, 0, lp.desc.size)
             resp = client.open_blob(lp.desc, what)
+            buf = memoryview(bytearray(RAW_READ_SIZE))
             try:
                 reader = VerifyingReader(
-                    resp.raw, lp.desc.digest, lp.desc.size, what, job.progress.add
+                    raw_body(resp), lp.desc.digest, lp.desc.size, what, job.progress.add
                 )
-                while chunk := reader.read(CHUNK):
+                while n := reader.readinto(buf):
                     if cancel.is_set():
                         raise CsiOciError("pull cancelled: another layer failed")
-                    view = memoryview(chunk)
+                    view = buf[:n]
                     while view:
                         view = view[os.write(fd, view) :]
             finally:

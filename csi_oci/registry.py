@@ -252,6 +252,20 @@ class RegistryClient:
         return resp
 
 
+def raw_body(resp: requests.Response) -> Any:
+    """The response body as a file object with `readinto` and no extra copies.
+
+    urllib3's `read(n)` goes through http.client's `read(n)`, which fills a
+    fresh bytearray and then copies it to bytes; for multi-GiB blobs read in
+    parallel that is two avoidable copies per chunk. http.client's own
+    `readinto` reads the socket straight into the caller's buffer (and still
+    honours Content-Length and chunked encoding). urllib3 keeps it as `_fp`;
+    when that is not there, its own file object (slower, same bytes) is used.
+    """
+    inner = getattr(resp.raw, "_fp", None)
+    return inner if inner is not None and hasattr(inner, "readinto") else resp.raw
+
+
 def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
     chunks: list[bytes] = []
     total = 0

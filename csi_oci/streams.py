@@ -79,6 +79,27 @@ class VerifyingReader:
             self._on_bytes(len(data))
         return data
 
+    def readinto(self, buf: memoryview) -> int:
+        """Like read, into the caller's buffer (the raw-file path: no copies).
+
+        The source must offer `readinto` (see registry.raw_body).
+        """
+        if self.verified:
+            return 0
+        n = self._source.readinto(buf)  # type: ignore[attr-defined]
+        if not n:
+            self._finish()
+            return 0
+        self.count += n
+        if self._size is not None and self.count > self._size:
+            raise IntegrityError(
+                f"{self._what}: received more than the {self._size} bytes its descriptor declares"
+            )
+        self._hash.update(buf[:n])
+        if self._on_bytes is not None:
+            self._on_bytes(n)
+        return n
+
     def _finish(self) -> None:
         if self._size is not None and self.count != self._size:
             raise IntegrityError(
