@@ -17,11 +17,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from csi_oci.errors import InvalidArgument
 from csi_oci.reference import DOCKER_HUB, Reference
+
+log = logging.getLogger(__name__)
 
 DOCKER_HUB_KEYS = ("index.docker.io", "docker.io", "registry-1.docker.io")
 
@@ -57,14 +62,24 @@ def _host_matches(pattern: str, host: str) -> bool:
     return False
 
 
-def _match_score(key: str, ref: Reference) -> int:
-    """-1 when `key` does not apply to `ref`; else longer (more specific) is higher."""
+def _match_score(key: str, registry: str, repository: str) -> int:
+    """-1 when `key` does not apply; else longer (more specific) is higher."""
     host, path = _split_key(key)
-    if not _host_matches(host, ref.registry.lower()):
+    if not _host_matches(host, registry.lower()):
         return -1
-    if path and not (ref.repository == path or ref.repository.startswith(path + "/")):
+    if path and not (repository == path or repository.startswith(path + "/")):
         return -1
     return len(host) + len(path) + (0 if host.startswith("*.") else 1000)
+
+
+def match_auths(auths: dict[str, object], registry: str, repository: str) -> Credentials | None:
+    """The most specific docker-config entry for registry/repository, as kubelet picks."""
+    best: tuple[int, str] | None = None
+    for key in auths:
+        score = _match_score(key, registry, repository)
+        if score >= 0 and (best is None or score > best[0]):
+            best = (score, key)
+    return _entry_credentials(auths[best[1]], best[1]) if best is not None else None
 
 
 def _entry_credentials(entry: object, key: str) -> Credentials:
@@ -90,6 +105,13 @@ def _entry_credentials(entry: object, key: str) -> Credentials:
 
 def credentials_from_secrets(secrets: Mapping[str, str], ref: Reference) -> Credentials | None:
     """The credentials for `ref` found in a NodePublish secret map, if any."""
+    return credentials_for(secrets, ref.registry, ref.repository)
+
+
+def credentials_for(
+    secrets: Mapping[str, str], registry: str, repository: str
+) -> Credentials | None:
+    """Credentials for a registry host (a mirror's too) from a NodePublish secret."""
     if not secrets:
         return None
     auths: dict[str, object] = {}
@@ -104,13 +126,76 @@ def credentials_from_secrets(secrets: Mapping[str, str], ref: Reference) -> Cred
             section = doc.get("auths", {}) if key == ".dockerconfigjson" else doc
             if isinstance(section, dict):
                 auths.update(section)
-    best: tuple[int, str] | None = None
-    for key in auths:
-        score = _match_score(key, ref)
-        if score >= 0 and (best is None or score > best[0]):
-            best = (score, key)
-    if best is not None:
-        return _entry_credentials(auths[best[1]], best[1])
+    found = match_auths(auths, registry, repository)
+    if found is not None:
+        return found
     if secrets.get("username") or secrets.get("password"):
         return Credentials(secrets.get("username", ""), secrets.get("password", ""))
     return None
+
+
+# Where kubelet looks for the node's registry credentials, in its order.
+NODE_CONFIG_PATHS = (
+    "/var/lib/kubelet/config.json",
+    "~/.docker/config.json",
+    "/.docker/config.json",
+    "/var/lib/kubelet/.dockercfg",
+    "~/.dockercfg",
+)
+
+
+class NodeCredentials:
+    """The node's docker config files (`--docker-config`), re-read when they change.
+
+    Used when a volume's NodePublish secret has nothing for a host. A file
+    that cannot be parsed is logged (by path, never content) and skipped.
+    """
+
+    def __init__(self, paths: Sequence[str] | None = None) -> None:
+        self.paths = [Path(os.path.expanduser(p)) for p in (paths or NODE_CONFIG_PATHS)]
+        self._cache: dict[Path, tuple[tuple[int, int], dict[str, object]]] = {}
+
+    def _auths(self, path: Path) -> dict[str, object]:
+        try:
+            st = path.stat()
+        except OSError:
+            return {}
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            doc = json.loads(path.read_text())
+            section = doc.get("auths", {}) if path.name.endswith(".json") else doc
+            auths = section if isinstance(section, dict) else {}
+        except (OSError, ValueError, AttributeError):
+            log.warning("ignoring unreadable docker config %s", path)
+            auths = {}
+        self._cache[path] = (stamp, auths)
+        return auths
+
+    def lookup(self, registry: str, repository: str) -> Credentials | None:
+        for path in self.paths:
+            try:
+                found = match_auths(self._auths(path), registry, repository)
+            except InvalidArgument as exc:
+                log.warning("docker config %s: %s", path, exc)
+                continue
+            if found is not None:
+                return found
+        return None
+
+
+CredentialLookup = Callable[[str, str], "Credentials | None"]
+
+
+def lookup_for(secrets: Mapping[str, str], node: NodeCredentials | None) -> CredentialLookup:
+    """(host, repository) -> credentials: the volume's secret first, then the node's."""
+
+    def lookup(registry: str, repository: str) -> Credentials | None:
+        found = credentials_for(secrets, registry, repository)
+        if found is None and node is not None:
+            found = node.lookup(registry, repository)
+        return found
+
+    return lookup

@@ -5,16 +5,19 @@ from __future__ import annotations
 import grpc
 
 from csi_oci.attributes import parse_volume_attributes
-from csi_oci.credentials import credentials_from_secrets
+from csi_oci.credentials import NodeCredentials, lookup_for
 from csi_oci.csi.v1 import csi_pb2, csi_pb2_grpc
 from csi_oci.errors import InvalidArgument, Unsupported
 from csi_oci.volumes import VolumeManager
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, volumes: VolumeManager) -> None:
+    def __init__(
+        self, node_id: str, volumes: VolumeManager, node_credentials: NodeCredentials | None = None
+    ) -> None:
         self._node_id = node_id
         self._volumes = volumes
+        self._node_credentials = node_credentials
 
     def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
@@ -37,7 +40,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # readonly=false and SINGLE_NODE_WRITER are accepted (kubelet sends them
         # for inline volumes); the mount is read-only regardless.
         spec = parse_volume_attributes(request.volume_context)
-        creds = credentials_from_secrets(request.secrets, spec.reference)
+        # The volume's secret first, then the node's docker config, per host.
+        creds = lookup_for(dict(request.secrets), self._node_credentials)
         self._volumes.publish(request.volume_id, request.target_path, spec, creds)
         return csi_pb2.NodePublishVolumeResponse()
 

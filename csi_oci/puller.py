@@ -33,7 +33,6 @@ from pathlib import Path
 
 from csi_oci.applier import Budget, LayerApplier, Limits, Policy, resolve_dir
 from csi_oci.attributes import Platform, PullPolicy, include_matcher
-from csi_oci.credentials import Credentials
 from csi_oci.errors import (
     CsiOciError,
     FailedPrecondition,
@@ -54,7 +53,8 @@ from csi_oci.manifest import (
 )
 from csi_oci.packaging import Kind, LayerPlan, Plan, plan_for
 from csi_oci.reference import Reference
-from csi_oci.registry import RegistryClient, raw_body
+from csi_oci.registry import CredentialLookup, RegistryClient
+from csi_oci.registry_config import ConfigSource
 from csi_oci.store import ImageRecord, Store, tree_key
 from csi_oci.streams import CHUNK, Readable, VerifyingReader, decompressor
 
@@ -135,9 +135,16 @@ class PullJob:
 
 
 class Puller:
-    def __init__(self, store: Store, *, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        limits: Limits | None = None,
+        registries: ConfigSource | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or Limits()
+        self.registries = registries or ConfigSource(None)
         self._jobs: dict[str, PullJob] = {}
         self._lock = threading.Lock()
 
@@ -148,7 +155,7 @@ class Puller:
         ref: Reference,
         platform: Platform,
         policy: PullPolicy,
-        credentials: Credentials | None,
+        credentials: CredentialLookup | None,
         include: tuple[str, ...] = (),
     ) -> ResolvedImage:
         """Pin `ref` to a platform manifest digest, honouring the pull policy.
@@ -167,7 +174,7 @@ class Puller:
                     f"image {ref} ({plat}){what} is not present on this node "
                     "and pullPolicy is Never"
                 )
-        client = RegistryClient(ref, credentials)
+        client = RegistryClient(ref, credentials, config=self.registries.current())
         top = client.get_manifest(ref.manifest_key)
         fetched = top
         if top.media_type in INDEX_TYPES:
@@ -226,8 +233,29 @@ class Puller:
             job.done.set()
 
     def _pull(self, job: PullJob, resolved: ResolvedImage) -> tuple[Path, ImageRecord]:
-        assert resolved.manifest is not None and resolved.client is not None
-        manifest, client = resolved.manifest, resolved.client
+        assert resolved.client is not None
+        try:
+            return self._pull_from(job, resolved, resolved.client)
+        except IntegrityError as exc:
+            mirrors = [name for name in resolved.client.served_by if name.startswith("mirror ")]
+            if not mirrors:
+                raise
+            # Every mirror is untrusted bytes: one served content that does not
+            # match its digest. Pull again from the registry itself.
+            log.warning(
+                "%s: %s served bytes that do not match (%s); using the registry itself",
+                resolved.reference,
+                ", ".join(sorted(mirrors)),
+                exc,
+            )
+            job.progress.done = 0
+            return self._pull_from(job, resolved, resolved.client.without_mirrors())
+
+    def _pull_from(
+        self, job: PullJob, resolved: ResolvedImage, client: RegistryClient
+    ) -> tuple[Path, ImageRecord]:
+        assert resolved.manifest is not None
+        manifest = resolved.manifest
         config = client.get_blob_bytes(
             manifest.config, f"config {manifest.config.digest}", MAX_CONFIG_BYTES
         )
@@ -342,13 +370,13 @@ class Puller:
                 image=False, select=select, under=under, claimed=claimed, claim_lock=claim_lock
             )
             applier = LayerApplier(root_fd, budget=layer_budget, policy=policy)
-            resp = client.open_blob(lp.desc, what)
+            stream = client.blob_stream(lp.desc, what)
             try:
                 _apply_tar(
-                    applier, lp, _CountingReader(resp.raw, job.progress.add, cancel), False, what
+                    applier, lp, _CountingReader(stream, job.progress.add, cancel), False, what
                 )
             finally:
-                resp.close()
+                stream.close()
 
         try:
             with ThreadPoolExecutor(
@@ -385,11 +413,11 @@ class Puller:
             if lp.desc.size:
                 # Reserve the space up front: a full disk fails before the download.
                 os.posix_fallocate(fd, 0, lp.desc.size)
-            resp = client.open_blob(lp.desc, what)
+            stream = client.blob_stream(lp.desc, what)
             buf = memoryview(bytearray(RAW_READ_SIZE))
             try:
                 reader = VerifyingReader(
-                    raw_body(resp), lp.desc.digest, lp.desc.size, what, job.progress.add
+                    stream, lp.desc.digest, lp.desc.size, what, job.progress.add
                 )
                 while n := reader.readinto(buf):
                     if cancel.is_set():
@@ -398,7 +426,7 @@ class Puller:
                     while view:
                         view = view[os.write(fd, view) :]
             finally:
-                resp.close()
+                stream.close()
             os.fchmod(fd, RAW_FILE_MODE)
             os.close(fd)
             fd = -1
@@ -582,9 +610,9 @@ class _LayerPipeline:
         os.close(fd)
         partial = Path(tmp)
         what = f"layer {index + 1}/{len(self._layers)} ({desc.digest})"
-        resp = self._client.open_blob(desc, what)
+        stream = self._client.blob_stream(desc, what)
         try:
-            reader = VerifyingReader(resp.raw, desc.digest, desc.size, what, self._job.progress.add)
+            reader = VerifyingReader(stream, desc.digest, desc.size, what, self._job.progress.add)
             with open(partial, "wb") as out:
                 while chunk := reader.read(CHUNK):
                     if self._stop:
@@ -597,7 +625,7 @@ class _LayerPipeline:
                 partial.unlink()
             raise
         finally:
-            resp.close()
+            stream.close()
         crash_point("after-download")
         return final
 
@@ -623,11 +651,11 @@ class _LayerPipeline:
                 yield spooled, True
             return
         desc = self._layers[index].desc
-        resp = self._client.open_blob(desc, f"layer {desc.digest}")
+        stream = self._client.blob_stream(desc, f"layer {desc.digest}")
         try:
-            yield _CountingReader(resp.raw, self._job.progress.add), False
+            yield _CountingReader(stream, self._job.progress.add), False
         finally:
-            resp.close()
+            stream.close()
 
 
 class _CountingReader:

@@ -1,4 +1,5 @@
-"""Registry client: manifests and blobs over the OCI distribution API.
+"""Registry client: manifests and blobs over the OCI distribution API,
+from a registry and its mirrors.
 
 oras-py does the protocol work it does well: the session, the Docker token
 flow (challenge parsing, scoped token requests with basic credentials) and
@@ -8,15 +9,21 @@ basic auth. Where it falls short we go around it, on purpose:
   between attempts on *any* exception, authentication failures included, so
   a wrong password or a dead registry would take minutes to report and blow
   kubelet's 2-minute call budget. We call the undecorated function
-  (`__wrapped__`) and keep retry policy in our hands.
+  (`__wrapped__`); retries, resume and backoff live in `transfer.py`.
 * oras-py passes no timeout to requests (a stalled registry hangs forever);
-  our session subclass supplies one.
+  our session subclass supplies one, and carries each endpoint's TLS
+  settings (CA bundle, client certificate) and headers.
 * oras-py picks its auth backend up front; we ping `/v2/` first and choose
-  token or basic auth from the registry's challenge.
+  token or basic auth from each endpoint's challenge.
+* oras-py's token cache has no expiry and, on a 401 with a token in hand,
+  retries with the same token; tokens here remember `expires_in`, are shared
+  across pulls until they expire, and a 401 mid-pull fetches a fresh one.
 * oras-py's `download_blob` neither verifies digests nor streams in large
-  reads; blobs are returned here as raw streams and verified by
+  reads; blobs are returned here as resumable streams and verified by
   `streams.VerifyingReader`.
 
+Mirrors only ever serve content that is checked against a digest: tags are
+resolved at the registry itself unless a mirror is trusted to resolve them.
 Authorization never leaks across hosts: requests drops the header when a
 redirect (e.g. to a presigned blob-storage URL) changes host.
 """
@@ -25,54 +32,137 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import oras.auth
 import oras.provider
 import requests
 from requests.adapters import HTTPAdapter
 
 from csi_oci.credentials import Credentials
-from csi_oci.errors import (
-    AuthError,
-    CsiOciError,
-    IntegrityError,
-    NotFound,
-    RegistryError,
-)
+from csi_oci.errors import AuthError, IntegrityError, NotFound, RegistryError
 from csi_oci.manifest import (
     ACCEPTED_MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
     Descriptor,
     detect_media_type,
 )
-from csi_oci.reference import Reference, is_loopback_host
+from csi_oci.reference import Reference
+from csi_oci.registry_config import Endpoint, RegistryConfig
 from csi_oci.streams import CHUNK, VerifyingReader
+from csi_oci.transfer import (
+    ParallelRangeStream,
+    RangeIgnored,
+    ResumableStream,
+    RetryPolicy,
+    TransientError,
+    parse_retry_after,
+)
 
 log = logging.getLogger(__name__)
 logging.getLogger("oras").setLevel(logging.CRITICAL)
 
 CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 60.0
 USER_AGENT = "csi-oci/0.1"
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+PARALLEL_MIN_BYTES = 64 << 20  # below this one stream is as fast
+RANGE_CHUNK = 16 << 20
+
+CredentialLookup = Callable[[str, str], "Credentials | None"]
 
 
-class _TimeoutSession(requests.Session):
-    """A requests session with a default timeout (oras-py sets none)."""
+class RangeNotSatisfiable(RegistryError):
+    """HTTP 416: asked for bytes past the end of the blob."""
 
-    def __init__(self, timeout: tuple[float, float]) -> None:
+
+class _Session(requests.Session):
+    """Default timeout (oras-py sets none), the endpoint's TLS settings and headers."""
+
+    def __init__(self, timeout: tuple[float, float], endpoint: Endpoint) -> None:
         super().__init__()
         self._timeout = timeout
         self.headers["User-Agent"] = USER_AGENT
+        self.headers.update(dict(endpoint.headers))
+        self.verify = endpoint.verify
+        self.cert = endpoint.client_cert
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16)
         self.mount("http://", adapter)
         self.mount("https://", adapter)
 
     def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs.setdefault("timeout", self._timeout)
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self._timeout
+        # oras-py passes verify=<its own setting> on every call: ours wins.
+        kwargs["verify"] = self.verify
         return super().request(method, url, **kwargs)
+
+
+class _ExpiringTokenAuth(oras.auth.TokenAuth):
+    """oras-py's token flow, with tokens that expire and are shared across pulls."""
+
+    _shared: ClassVar[dict[tuple[str, ...], tuple[str, float]]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expiry = 0.0
+
+    def get_auth_header(self) -> dict[str, str]:
+        if self.token and time.monotonic() >= self.expiry:
+            self.token = None
+        return super().get_auth_header()
+
+    def forget(self) -> None:
+        """Drop the current token everywhere (the registry refused it)."""
+        with self._shared_lock:
+            for key, (token, _) in list(self._shared.items()):
+                if token == self.token:
+                    del self._shared[key]
+        self.token = None
+
+    def _key(self, h: Any) -> tuple[str, ...]:
+        who = hashlib.sha256(str(getattr(self, "_basic_auth", "") or "").encode()).hexdigest()
+        return (str(h.realm), str(h.service), str(h.scope), who)
+
+    def request_token(self, h: Any) -> str | None:  # type: ignore[override]
+        key = self._key(h)
+        now = time.monotonic()
+        with self._shared_lock:
+            cached = self._shared.get(key)
+        if cached is not None and cached[1] > now:
+            self.expiry = cached[1]
+            return cached[0]
+        params = {k: v for k, v in (("service", h.service), ("scope", h.scope)) if v}
+        headers = {"Accept": "application/json"}
+        basic = getattr(self, "_basic_auth", None)
+        if basic:
+            headers["Authorization"] = f"Basic {basic}"
+        realm = h.realm if str(h.realm).startswith("http") else f"{self.prefix}://{h.realm}"
+        try:
+            resp = self.session.get(realm, params=params, headers=headers)
+        except requests.RequestException:
+            return None
+        if resp.status_code != 200:
+            return None
+        try:
+            info = resp.json()
+        except ValueError:
+            return None
+        token = info.get("token") or info.get("access_token")
+        if not token:
+            return None
+        lifetime = float(info.get("expires_in") or 60)  # the Docker token spec's default
+        self.expiry = now + max(1.0, lifetime * 0.9)
+        with self._shared_lock:
+            self._shared[key] = (token, self.expiry)
+        return str(token)
+
+    def request_anonymous_token(self, h: Any, headers: Any = None) -> str | None:  # type: ignore[override]
+        return self.request_token(h)
 
 
 @dataclass(frozen=True)
@@ -80,6 +170,7 @@ class FetchedManifest:
     data: bytes
     media_type: str
     digest: str
+    source: str = ""
 
 
 def _error_detail(resp: requests.Response) -> str:
@@ -88,56 +179,66 @@ def _error_detail(resp: requests.Response) -> str:
         errors = resp.json().get("errors") or []
         parts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors]
         return "; ".join(p for p in parts if p)
-    except (ValueError, AttributeError):
-        return ""
+    except (ValueError, AttributeError, requests.RequestException):
+        return ""  # an error body we cannot read says nothing more
 
 
-class RegistryClient:
-    """Talks to one repository of one registry for the duration of a pull."""
+class _Connection:
+    """One endpoint (a mirror or the registry) for one repository."""
 
     def __init__(
         self,
         ref: Reference,
-        credentials: Credentials | None = None,
-        *,
-        timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
+        endpoint: Endpoint,
+        credentials: Credentials | None,
+        timeout: tuple[float, float],
     ) -> None:
         self.ref = ref
-        self._credentials = credentials
+        self.endpoint = endpoint
+        self.credentials = credentials
+        self.base = f"{endpoint.base_url}/v2/{endpoint.repository(ref.repository)}"
         self._timeout = timeout
-        self._scheme = "http" if is_loopback_host(ref.api_host) else "https"
-        self._base = f"{self._scheme}://{ref.api_host}/v2/{ref.repository}"
         self._oras: oras.provider.Registry | None = None
+        self._lock = threading.Lock()
 
-    # -- connection and auth -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.endpoint.describe()
 
     def _client(self) -> oras.provider.Registry:
-        if self._oras is None:
-            self._oras = self._connect()
-        return self._oras
+        with self._lock:
+            if self._oras is None:
+                self._oras = self._connect()
+            return self._oras
 
     def _connect(self) -> oras.provider.Registry:
-        session = _TimeoutSession(self._timeout)
-        ping = self._send(session.get, f"{self._scheme}://{self.ref.api_host}/v2/")
+        session = _Session(self._timeout, self.endpoint)
+        ping = self._send(session.get, f"{self.endpoint.base_url}/v2/")
+        ping.close()
         challenge = ping.headers.get("WWW-Authenticate", "")
         backend = "basic" if challenge.lower().startswith("basic") else "token"
+        if ping.status_code in TRANSIENT_STATUS:
+            raise TransientError(f"{self.name} answered HTTP {ping.status_code}")
         if ping.status_code == 401 and not challenge:
-            raise AuthError(
-                f"registry {self.ref.registry} demands authentication but sent no challenge"
-            )
-        if ping.status_code == 401 and backend == "basic" and self._credentials is None:
+            raise AuthError(f"{self.name} demands authentication but sent no challenge")
+        if ping.status_code == 401 and backend == "basic" and self.credentials is None:
             # Basic auth at /v2/ guards everything: nothing is readable anonymously.
             raise self._auth_error(None)
         reg = oras.provider.Registry(
-            hostname=self.ref.api_host,
-            insecure=self._scheme == "http",
+            hostname=self.endpoint.host,
+            insecure=self.endpoint.base_url.startswith("http://"),
             auth_backend=backend,
         )
         session.cookies.set_policy(reg.session.cookies._policy)  # type: ignore[attr-defined]
+        if backend == "token":
+            auth = _ExpiringTokenAuth()
+            auth.prefix = reg.auth.prefix
+            reg.auth = auth
         reg.session = session
         reg.auth.session = session
-        if self._credentials is not None:
-            reg.auth.set_basic_auth(self._credentials.username, self._credentials.password)
+        reg.auth._tls_verify = self.endpoint.verify
+        if self.credentials is not None:
+            reg.auth.set_basic_auth(self.credentials.username, self.credentials.password)
             if backend == "basic":
                 reg.headers.update(reg.auth.get_auth_header())
         return reg
@@ -147,31 +248,42 @@ class RegistryClient:
             return fn(*args, **kwargs)
         except requests.exceptions.SSLError as exc:
             raise RegistryError(
-                f"TLS error talking to registry {self.ref.registry}: {exc}"
+                f"TLS error talking to {self.name}: {_short_tls(exc)}; if it uses a private CA "
+                "or a client certificate, configure them in --registry-config"
             ) from None
-        except requests.exceptions.Timeout:
-            raise RegistryError(f"registry {self.ref.registry} timed out") from None
-        except requests.exceptions.ConnectionError as exc:
-            raise RegistryError(
-                f"cannot connect to registry {self.ref.registry}: {_short(exc)}"
-            ) from None
+        except (requests.exceptions.Timeout, TimeoutError):
+            raise TransientError(f"{self.name} timed out") from None
+        except (requests.exceptions.ConnectionError, ConnectionError) as exc:
+            raise TransientError(f"cannot connect to {self.name}: {_short(exc)}") from None
 
-    def _get(self, url: str, headers: dict[str, str], *, stream: bool) -> requests.Response:
+    def get(self, path: str, headers: dict[str, str], *, what: str) -> requests.Response:
+        """GET base+path with auth; the response's status is checked."""
         reg = self._client()
-        all_headers = {**reg.headers, **headers}
         undecorated = oras.provider.Registry.do_request.__wrapped__  # type: ignore[attr-defined]
-        try:
-            resp = self._send(undecorated, reg, url, "GET", headers=all_headers, stream=stream)
-        except ValueError:
-            # oras-py's way of saying the token endpoint refused us.
-            raise self._auth_error(None) from None
+        url = f"{self.base}{path}"
+        for attempt in (1, 2):
+            try:
+                resp = self._send(
+                    undecorated, reg, url, "GET", headers={**reg.headers, **headers}, stream=True
+                )
+            except ValueError:
+                # oras-py's way of saying the token endpoint refused us.
+                raise self._auth_error(None) from None
+            auth = reg.auth
+            if resp.status_code == 401 and attempt == 1 and isinstance(auth, _ExpiringTokenAuth):
+                if auth.token:
+                    resp.close()
+                    auth.forget()  # expired or revoked mid-pull: fetch a fresh one
+                    continue
+            break
+        self._check(resp, what)
         return resp
 
     def _auth_error(self, resp: requests.Response | None) -> AuthError:
-        who = "with the given credentials" if self._credentials else "anonymously (no credentials)"
+        who = "with the given credentials" if self.credentials else "anonymously (no credentials)"
         detail = f" ({_error_detail(resp)})" if resp is not None and _error_detail(resp) else ""
         return AuthError(
-            f"registry {self.ref.registry} refused access to {self.ref.repository} {who}{detail}; "
+            f"{self.name} refused access to {self.ref.repository} {who}{detail}; "
             "check the nodePublishSecretRef secret's registry credentials"
         )
 
@@ -180,101 +292,20 @@ class RegistryClient:
         if code in (200, 206):
             return
         detail = _error_detail(resp)
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         resp.close()
+        suffix = f" ({detail})" if detail else ""
         if code in (401, 403):
             raise self._auth_error(resp)
         if code == 404:
-            raise NotFound(
-                f"{what} not found in {self.ref.name}" + (f" ({detail})" if detail else "")
+            raise NotFound(f"{what} not found in {self.ref.name} at {self.name}{suffix}")
+        if code in TRANSIENT_STATUS:
+            raise TransientError(
+                f"{self.name} answered HTTP {code} for {what}{suffix}", retry_after
             )
-        raise RegistryError(
-            f"registry {self.ref.registry} answered HTTP {code} for {what}"
-            + (f": {detail}" if detail else "")
-        )
-
-    # -- API -------------------------------------------------------------------
-
-    def get_manifest(self, key: str) -> FetchedManifest:
-        """Fetch a manifest by tag or digest; its digest is computed from the bytes.
-
-        When `key` is a digest the bytes must hash to it. When it is a tag and
-        the registry sends Docker-Content-Digest, that must agree too.
-        """
-        what = f"manifest {key!r}" if key.startswith("sha") else f"tag {key!r}"
-        resp = self._get(
-            f"{self._base}/manifests/{key}",
-            {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)},
-            stream=True,
-        )
-        self._check(resp, what)
-        try:
-            data = _read_capped(resp, MAX_MANIFEST_BYTES, what)
-        finally:
-            resp.close()
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if key.startswith("sha256:") and key != digest:
-            raise IntegrityError(f"manifest {key} from {self.ref.registry} hashes to {digest}")
-        if key.startswith("sha512:"):
-            if "sha512:" + hashlib.sha512(data).hexdigest() != key:
-                raise IntegrityError(
-                    f"manifest {key} from {self.ref.registry} does not match its digest"
-                )
-            digest = key
-        header_digest = resp.headers.get("Docker-Content-Digest")
-        if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
-            raise IntegrityError(
-                f"{what}: registry says digest {header_digest} but the bytes hash to {digest}"
-            )
-        media_type = detect_media_type(data, resp.headers.get("Content-Type"))
-        return FetchedManifest(data=data, media_type=media_type, digest=digest)
-
-    def get_blob_bytes(self, desc: Descriptor, what: str, max_bytes: int) -> bytes:
-        """A small blob (config) fully in memory, verified."""
-        if desc.size > max_bytes:
-            raise RegistryError(
-                f"{what} declares {desc.size} bytes, more than the {max_bytes} allowed"
-            )
-        resp = self.open_blob(desc, what)
-        try:
-            reader = VerifyingReader(resp.raw, desc.digest, desc.size, what)
-            chunks = []
-            while chunk := reader.read(CHUNK):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            resp.close()
-
-    def open_blob(self, desc: Descriptor, what: str) -> requests.Response:
-        """A streaming response for a blob; read `.raw`, verify, then close."""
-        resp = self._get(f"{self._base}/blobs/{desc.digest}", {}, stream=True)
-        self._check(resp, what)
-        resp.raw.decode_content = False
-        return resp
-
-
-def raw_body(resp: requests.Response) -> Any:
-    """The response body as a file object with `readinto` and no extra copies.
-
-    urllib3's `read(n)` goes through http.client's `read(n)`, which fills a
-    fresh bytearray and then copies it to bytes; for multi-GiB blobs read in
-    parallel that is two avoidable copies per chunk. http.client's own
-    `readinto` reads the socket straight into the caller's buffer (and still
-    honours Content-Length and chunked encoding). urllib3 keeps it as `_fp`;
-    when that is not there, its own file object (slower, same bytes) is used.
-    """
-    inner = getattr(resp.raw, "_fp", None)
-    return inner if inner is not None and hasattr(inner, "readinto") else resp.raw
-
-
-def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    for chunk in resp.iter_content(64 * 1024):
-        total += len(chunk)
-        if total > cap:
-            raise RegistryError(f"{what} is larger than {cap} bytes; refusing it")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if code == 416:
+            raise RangeNotSatisfiable(f"{self.name} answered HTTP 416 for {what}")
+        raise RegistryError(f"{self.name} answered HTTP {code} for {what}{suffix}")
 
 
 def _short(exc: BaseException) -> str:
@@ -286,4 +317,238 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-__all__ = ["CsiOciError", "FetchedManifest", "RegistryClient"]
+def _short_tls(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in (
+        "CERTIFICATE_VERIFY_FAILED",
+        "certificate required",
+        "SSLV3_ALERT",
+        "WRONG_VERSION",
+    ):
+        if marker in text:
+            return text[text.find(marker) : text.find(marker) + 120].split("'")[0].strip("()")
+    return text[:200]
+
+
+class RegistryClient:
+    """One repository, from its mirrors (in order) and then its registry."""
+
+    def __init__(
+        self,
+        ref: Reference,
+        credentials: Credentials | CredentialLookup | None = None,
+        *,
+        config: RegistryConfig | None = None,
+        use_mirrors: bool = True,
+    ) -> None:
+        self.ref = ref
+        self.config = config or RegistryConfig()
+        self.policy = RetryPolicy(max_attempts=self.config.max_attempts)
+        timeout = (CONNECT_TIMEOUT, self.config.first_byte_timeout)
+        lookup = credentials if callable(credentials) else None
+        self.connections = []
+        for endpoint in self.config.endpoints(ref.registry, ref.api_host, use_mirrors=use_mirrors):
+            if lookup is not None:
+                host = ref.registry if not endpoint.mirror else endpoint.host
+                creds = lookup(host, endpoint.repository(ref.repository))
+            else:
+                creds = credentials if not endpoint.mirror else None  # type: ignore[assignment]
+            self.connections.append(_Connection(ref, endpoint, creds, timeout))
+        self.served_by: set[str] = set()
+        self.bytes_on_wire = 0
+        self._wire_lock = threading.Lock()
+
+    @property
+    def uses_mirrors(self) -> bool:
+        return any(c.endpoint.mirror for c in self.connections)
+
+    def without_mirrors(self) -> RegistryClient:
+        """The same repository from the registry alone (a mirror served bad bytes)."""
+        clone = RegistryClient.__new__(RegistryClient)
+        clone.__dict__.update(self.__dict__)
+        clone.connections = [c for c in self.connections if not c.endpoint.mirror]
+        clone.served_by = set()
+        return clone
+
+    # -- manifests --------------------------------------------------------------------
+
+    def get_manifest(self, key: str) -> FetchedManifest:
+        """Fetch a manifest by tag or digest; its digest is computed from the bytes.
+
+        A digest is checked wherever the bytes come from; a tag is resolved
+        only by endpoints trusted to resolve it (the registry, by default).
+        """
+        by_digest = key.startswith(("sha256:", "sha512:"))
+        candidates = [c for c in self.connections if by_digest or c.endpoint.resolve_tags]
+        last: Exception | None = None
+        for conn in candidates:
+            try:
+                return self._manifest_from(conn, key, by_digest)
+            except (TransientError, NotFound, AuthError, IntegrityError, RegistryError) as exc:
+                if conn.endpoint.mirror:
+                    log.info(
+                        "manifest %s from %s failed (%s); trying the next", key, conn.name, exc
+                    )
+                last = exc
+        assert last is not None
+        raise last
+
+    def _manifest_from(self, conn: _Connection, key: str, by_digest: bool) -> FetchedManifest:
+        what = f"manifest {key!r}" if by_digest else f"tag {key!r}"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = conn.get(
+                    f"/manifests/{key}", {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)}, what=what
+                )
+                try:
+                    data = _read_capped(resp, MAX_MANIFEST_BYTES, what)
+                finally:
+                    resp.close()
+                break
+            except TransientError as exc:
+                if attempt >= self.policy.max_attempts:
+                    raise
+                time.sleep(self.policy.delay(attempt, exc.retry_after))
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if key.startswith("sha256:") and key != digest:
+            raise IntegrityError(f"manifest {key} from {conn.name} hashes to {digest}")
+        if key.startswith("sha512:"):
+            if "sha512:" + hashlib.sha512(data).hexdigest() != key:
+                raise IntegrityError(f"manifest {key} from {conn.name} does not match its digest")
+            digest = key
+        header_digest = resp.headers.get("Docker-Content-Digest")
+        if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
+            raise IntegrityError(
+                f"{what}: {conn.name} says digest {header_digest} but the bytes hash to {digest}"
+            )
+        media_type = detect_media_type(data, resp.headers.get("Content-Type"))
+        self.served_by.add(conn.name)
+        return FetchedManifest(data=data, media_type=media_type, digest=digest, source=conn.name)
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    def _opener(self, conn: _Connection, desc: Descriptor, what: str) -> Any:
+        def open_range(start: int, end: int | None) -> requests.Response:
+            headers = {}
+            if start > 0 or (end is not None and end < desc.size):
+                last = (end if end is not None else desc.size) - 1
+                headers["Range"] = f"bytes={start}-{last}"
+            try:
+                resp = conn.get(f"/blobs/{desc.digest}", headers, what=what)
+            except RangeNotSatisfiable:
+                raise IntegrityError(
+                    f"{what}: the blob ends before byte {start}, but its descriptor declares "
+                    f"{desc.size} bytes (truncated or wrong blob)"
+                ) from None
+            resp.raw.decode_content = False
+            self.served_by.add(conn.name)
+            return resp
+
+        return open_range
+
+    def _count_wire(self, n: int) -> None:
+        with self._wire_lock:
+            self.bytes_on_wire += n
+
+    def blob_stream(self, desc: Descriptor, what: str, *, start: int = 0) -> Any:
+        """A stream of the blob's bytes (resumable; parallel ranges for big blobs).
+
+        Not verified here: wrap it in a VerifyingReader.
+        """
+        openers = [(c.name, self._opener(c, desc, what)) for c in self.connections]
+
+        def sequential(begin: int) -> ResumableStream:
+            return ResumableStream(
+                openers, desc.size, what, self.policy, start=begin, on_wire=self._count_wire
+            )
+
+        parallelism = self.config.blob_parallelism
+        if parallelism > 1 and desc.size >= PARALLEL_MIN_BYTES and start == 0:
+
+            def ranged(begin: int, end: int) -> ResumableStream:
+                return ResumableStream(
+                    openers,
+                    end,
+                    what,
+                    self.policy,
+                    start=begin,
+                    require_range=True,
+                    on_wire=self._count_wire,
+                )
+
+            return _FallbackParallel(ranged, sequential, desc.size, RANGE_CHUNK, parallelism)
+        return sequential(start)
+
+    def get_blob_bytes(self, desc: Descriptor, what: str, max_bytes: int) -> bytes:
+        """A small blob (config) fully in memory, verified."""
+        if desc.size > max_bytes:
+            raise RegistryError(
+                f"{what} declares {desc.size} bytes, more than the {max_bytes} allowed"
+            )
+        stream = self.blob_stream(desc, what)
+        try:
+            reader = VerifyingReader(stream, desc.digest, desc.size, what)
+            chunks = []
+            while chunk := reader.read(CHUNK):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            stream.close()
+
+
+class _FallbackParallel:
+    """Parallel ranges, falling back to one stream if the server ignores Range."""
+
+    def __init__(
+        self,
+        ranged: Callable[[int, int], ResumableStream],
+        sequential: Callable[[int], ResumableStream],
+        size: int,
+        chunk: int,
+        parallelism: int,
+    ) -> None:
+        self._parallel: ParallelRangeStream | None = ParallelRangeStream(
+            ranged, size, chunk, parallelism
+        )
+        self._sequential_factory = sequential
+        self._fallback: ResumableStream | None = None
+        self._pos = 0
+
+    def readinto(self, buf: memoryview | bytearray) -> int:
+        if self._fallback is not None:
+            return self._fallback.readinto(buf)
+        assert self._parallel is not None
+        try:
+            n = self._parallel.readinto(buf)
+        except RangeIgnored:
+            log.info("server ignores Range: fetching the rest of the blob as one stream")
+            self._parallel.close()
+            self._parallel = None
+            self._fallback = self._sequential_factory(self._pos)
+            return self._fallback.readinto(buf)
+        self._pos += n
+        return n
+
+    def read(self, n: int = -1, /) -> bytes:
+        buf = bytearray(n if n and n > 0 else 1 << 22)
+        got = self.readinto(buf)
+        return bytes(buf[:got])
+
+    def close(self) -> None:
+        if self._parallel is not None:
+            self._parallel.close()
+        if self._fallback is not None:
+            self._fallback.close()
+
+
+def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in resp.iter_content(64 * 1024):
+        total += len(chunk)
+        if total > cap:
+            raise RegistryError(f"{what} is larger than {cap} bytes; refusing it")
+        chunks.append(chunk)
+    return b"".join(chunks)

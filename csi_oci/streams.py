@@ -82,7 +82,7 @@ class VerifyingReader:
     def readinto(self, buf: memoryview) -> int:
         """Like read, into the caller's buffer (the raw-file path: no copies).
 
-        The source must offer `readinto` (see registry.raw_body).
+        The source must offer `readinto` (see transfer.ResumableStream).
         """
         if self.verified:
             return 0

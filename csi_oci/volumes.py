@@ -24,7 +24,6 @@ from pathlib import Path
 from csi_oci import mounts
 from csi_oci.applier import open_in_root
 from csi_oci.attributes import VolumeSpec
-from csi_oci.credentials import Credentials
 from csi_oci.errors import (
     AlreadyExists,
     CsiOciError,
@@ -34,6 +33,7 @@ from csi_oci.errors import (
     PullInProgress,
 )
 from csi_oci.puller import Puller
+from csi_oci.registry import CredentialLookup
 from csi_oci.store import Store, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class VolumeManager:
         volume_id: str,
         target: str,
         spec: VolumeSpec,
-        credentials: Credentials | None,
+        credentials: CredentialLookup | None,
         *,
         wait: float | None = None,
     ) -> VolumeRecord:

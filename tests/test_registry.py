@@ -24,7 +24,7 @@ from csi_oci.registry import RegistryClient
 )
 def test_plain_http_only_for_loopback(ref, scheme):
     client = RegistryClient(parse_reference(ref))
-    assert client._base.startswith(f"{scheme}://")
+    assert client.connections[-1].endpoint.base_url.startswith(f"{scheme}://")
 
 
 def test_manifest_by_tag_and_digest_and_blob(registry, tmp_path):

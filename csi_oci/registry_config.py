@@ -1,0 +1,276 @@
+"""Registry configuration: mirrors, TLS and transfer settings per registry host.
+
+The file (`--registry-config`, TOML) is re-read when it changes (its mtime is
+checked before each pull) or on SIGHUP. Example:
+
+    # transfer settings (all optional)
+    first_byte_timeout = 120   # seconds to wait for response headers (spooling proxies)
+    max_attempts = 6           # tries per endpoint for a request or a resumed blob
+    blob_parallelism = 4       # ranged requests in flight for one large blob
+
+    [hosts."registry.example.com"]
+    ca = "/etc/csi-oci/certs/example-ca.pem"        # trust this CA (PEM bundle)
+    client_cert = "/etc/csi-oci/certs/client.pem"   # mutual TLS
+    client_key = "/etc/csi-oci/certs/client-key.pem"
+
+      [[hosts."registry.example.com".mirrors]]
+      url = "http://127.0.0.1:65001"                # Dragonfly dfdaemon on the node
+      headers = { "X-Dragonfly-Registry" = "https://registry.example.com" }
+
+      [[hosts."registry.example.com".mirrors]]
+      url = "https://harbor.internal"               # Harbor proxy-cache project
+      repository_prefix = "example-proxy"
+      ca = "/etc/csi-oci/certs/harbor-ca.pem"
+
+    [hosts."10.0.0.5:5000"]
+    insecure = true                                 # plain HTTP, by explicit opt-in
+
+Mirrors are tried in order, then the registry itself. Every byte from any of
+them is checked against the digest that was resolved, so a mirror is only
+ever trusted to *serve* content; tags are resolved at the registry itself
+unless a mirror says `resolve_tags = true`. Loopback registries (localhost,
+127.0.0.0/8, ::1) speak plain HTTP unless their host entry sets
+`insecure = false` or names a `ca`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from csi_oci.errors import InvalidArgument
+from csi_oci.reference import is_loopback_host
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One place to fetch from: a mirror, or the registry itself."""
+
+    base_url: str  # scheme://host[:port]
+    host: str
+    repository_prefix: str = ""
+    verify: bool | str = True  # False (skipVerify) or a CA bundle path
+    client_cert: tuple[str, str] | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    mirror: bool = False
+    resolve_tags: bool = True
+
+    def repository(self, repository: str) -> str:
+        return f"{self.repository_prefix}/{repository}" if self.repository_prefix else repository
+
+    def describe(self) -> str:
+        return f"mirror {self.base_url}" if self.mirror else f"registry {self.host}"
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    insecure: bool | None = None
+    skip_verify: bool = False
+    ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    mirrors: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    hosts: dict[str, HostSettings] = field(default_factory=dict)
+    first_byte_timeout: float = 120.0
+    max_attempts: int = 6
+    blob_parallelism: int = 1
+
+    def endpoints(
+        self, registry_host: str, api_host: str, *, use_mirrors: bool = True
+    ) -> list[Endpoint]:
+        """Mirrors first (in order), then the registry itself."""
+        settings = self.hosts.get(registry_host) or self.hosts.get(api_host) or HostSettings()
+        out = []
+        if use_mirrors:
+            for index, mirror in enumerate(settings.mirrors):
+                out.append(_mirror_endpoint(registry_host, index, mirror))
+        out.append(_endpoint(api_host, settings, mirror=False))
+        return out
+
+
+def _tls(settings: HostSettings | dict[str, Any]) -> tuple[bool | str, tuple[str, str] | None]:
+    get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k, d)
+    verify: bool | str = True
+    if get("skip_verify", False):
+        verify = False
+    elif get("ca"):
+        verify = str(get("ca"))
+    cert = None
+    if get("client_cert") or get("client_key"):
+        if not (get("client_cert") and get("client_key")):
+            raise InvalidArgument("client_cert and client_key must be given together")
+        cert = (str(get("client_cert")), str(get("client_key")))
+    return verify, cert
+
+
+def _endpoint(host: str, settings: HostSettings, *, mirror: bool) -> Endpoint:
+    if settings.insecure is not None:
+        plain = settings.insecure
+    else:
+        plain = is_loopback_host(host) and settings.ca is None
+    verify, cert = _tls(settings)
+    return Endpoint(
+        base_url=f"{'http' if plain else 'https'}://{host}",
+        host=host,
+        verify=verify,
+        client_cert=cert,
+        mirror=mirror,
+    )
+
+
+def _mirror_endpoint(registry: str, index: int, raw: dict[str, Any]) -> Endpoint:
+    where = f"mirror {index + 1} of {registry}"
+    url = str(raw.get("url", "")).rstrip("/")
+    if "://" not in url:
+        host = url
+        plain = raw.get("insecure")
+        if plain is None:
+            plain = is_loopback_host(host) and not raw.get("ca")
+        url = f"{'http' if plain else 'https'}://{host}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidArgument(f"{where}: url {raw.get('url')!r} is not http(s)://host[:port]")
+    prefix = str(raw.get("repository_prefix", "")).strip("/")
+    if parts.path.strip("/"):
+        prefix = "/".join(
+            p for p in (parts.path.strip("/").removeprefix("v2").strip("/"), prefix) if p
+        )
+    verify, cert = _tls(raw)
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise InvalidArgument(f"{where}: headers must be a table")
+    return Endpoint(
+        base_url=f"{parts.scheme}://{parts.netloc}",
+        host=parts.netloc,
+        repository_prefix=prefix,
+        verify=verify,
+        client_cert=cert,
+        headers=tuple(sorted((str(k), str(v)) for k, v in headers.items())),
+        mirror=True,
+        resolve_tags=bool(raw.get("resolve_tags", False)),
+    )
+
+
+_HOST_KEYS = {"insecure", "skip_verify", "ca", "client_cert", "client_key", "mirrors"}
+_MIRROR_KEYS = {
+    "url",
+    "insecure",
+    "skip_verify",
+    "ca",
+    "client_cert",
+    "client_key",
+    "headers",
+    "repository_prefix",
+    "resolve_tags",
+}
+_TOP_KEYS = {"hosts", "first_byte_timeout", "max_attempts", "blob_parallelism"}
+
+
+def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
+    """Parse and validate; unknown keys are errors (a typo must not be ignored)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{source}: not valid TOML: {exc}") from None
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise InvalidArgument(f"{source}: unknown keys {sorted(unknown)}")
+    hosts: dict[str, HostSettings] = {}
+    for host, raw in (doc.get("hosts") or {}).items():
+        if not isinstance(raw, dict):
+            raise InvalidArgument(f"{source}: hosts.{host} must be a table")
+        bad = set(raw) - _HOST_KEYS
+        if bad:
+            raise InvalidArgument(f"{source}: hosts.{host}: unknown keys {sorted(bad)}")
+        mirrors = []
+        for item in raw.get("mirrors") or []:
+            entry = {"url": item} if isinstance(item, str) else item
+            if not isinstance(entry, dict) or set(entry) - _MIRROR_KEYS:
+                raise InvalidArgument(f"{source}: hosts.{host}: bad mirror entry {item!r}")
+            mirrors.append(entry)
+        settings = HostSettings(
+            insecure=raw.get("insecure"),
+            skip_verify=bool(raw.get("skip_verify", False)),
+            ca=raw.get("ca"),
+            client_cert=raw.get("client_cert"),
+            client_key=raw.get("client_key"),
+            mirrors=tuple(mirrors),
+        )
+        _tls(settings)  # validate pairs early
+        for index, mirror in enumerate(mirrors):
+            _mirror_endpoint(host, index, mirror)
+        hosts[host] = settings
+    cfg = RegistryConfig(
+        hosts=hosts,
+        first_byte_timeout=float(doc.get("first_byte_timeout", 120.0)),
+        max_attempts=int(doc.get("max_attempts", 6)),
+        blob_parallelism=int(doc.get("blob_parallelism", 1)),
+    )
+    if cfg.first_byte_timeout <= 0 or cfg.max_attempts < 1 or cfg.blob_parallelism < 1:
+        raise InvalidArgument(f"{source}: timeouts, attempts and parallelism must be positive")
+    return cfg
+
+
+class ConfigSource:
+    """The current configuration, re-read when the file changes or on reload()."""
+
+    def __init__(self, path: Path | None, *, overrides: dict[str, Any] | None = None) -> None:
+        self.path = path
+        self._overrides = overrides or {}
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._config = self._with_overrides(RegistryConfig())
+        if path is not None:
+            self.reload()
+
+    def _with_overrides(self, cfg: RegistryConfig) -> RegistryConfig:
+        if not self._overrides:
+            return cfg
+        from dataclasses import replace
+
+        return replace(cfg, **self._overrides)
+
+    def reload(self) -> None:
+        """Read the file now; a bad file keeps the previous configuration."""
+        if self.path is None:
+            return
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+                cfg = parse_config(self.path.read_text(), str(self.path))
+            except FileNotFoundError:
+                log.warning("registry config %s does not exist; using defaults", self.path)
+                self._stamp = None
+                self._config = self._with_overrides(RegistryConfig())
+                return
+            except (OSError, InvalidArgument) as exc:
+                log.error(
+                    "registry config %s not loaded, keeping the previous one: %s", self.path, exc
+                )
+                return
+            self._stamp = (st.st_mtime_ns, st.st_size)
+            self._config = self._with_overrides(cfg)
+            log.info("loaded registry config %s (%d hosts)", self.path, len(cfg.hosts))
+
+    def current(self) -> RegistryConfig:
+        if self.path is not None:
+            try:
+                st = os.stat(self.path)
+                stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+            if stamp != self._stamp:
+                self.reload()
+        return self._config
