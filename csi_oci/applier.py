@@ -108,8 +108,9 @@ class Limits:
 class Budget:
     """Bytes and entries an image may unpack to, shared by parallel layers."""
 
-    def __init__(self, limits: Limits, parent: Budget | None = None) -> None:
+    def __init__(self, limits: Limits, parent: Budget | None = None, *, disk: bool = False) -> None:
         self.limits = limits
+        self.disk = disk  # a node cache budget (RESOURCE_EXHAUSTED), not an image's
         self.parent = parent  # a layer's own budget also counts against the image's
         self.bytes = 0
         self.entries = 0
@@ -126,6 +127,12 @@ class Budget:
             entries_now, bytes_now = self.entries, self.bytes
         if entries_now > self.limits.max_entries:
             raise InvalidLayer(f"{what}: more than {self.limits.max_entries} entries in the image")
+        if bytes_now > self.limits.max_bytes and self.disk:
+            raise OutOfSpace(
+                f"{what}: the node's image cache has room for {self.limits.max_bytes} more bytes "
+                "(--cache-max-bytes / --cache-min-free-bytes, after evicting unused images), "
+                "and this image needs more"
+            )
         if bytes_now > self.limits.max_bytes:
             raise InvalidLayer(
                 f"{what}: image unpacks to more than {self.limits.max_bytes} bytes "

@@ -28,7 +28,7 @@ from csi_oci.attributes import (
 )
 from csi_oci.errors import CsiOciError
 from csi_oci.puller import Puller
-from csi_oci.server import NodeParts, ServeOptions, build_node_parts, serve
+from csi_oci.server import NodeParts, NodeSettings, ServeOptions, build_node_parts, serve
 
 DEFAULT_STATE_DIR = "/var/lib/csi-oci"
 DEFAULT_DRIVER_NAME = "oci.csi.dev"
@@ -40,32 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="csi-oci", description="CSI driver for OCI images and artifacts as volumes"
     )
     p.add_argument("--version", action="version", version=f"csi-oci {__version__}")
-    p.add_argument(
-        "--log-level",
-        default=os.environ.get("CSI_OCI_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-    )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(os.environ.get("CSI_OCI_STATE_DIR", DEFAULT_STATE_DIR)),
-        help="node cache and volume records (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-image-bytes",
-        type=int,
-        default=DEFAULT_MAX_IMAGE_BYTES,
-        help="refuse an image that unpacks to more bytes, unless its producer declared the "
-        "sizes (then those bound it); guards against decompression bombs (default %(default)s)",
-    )
-    # The same options are accepted after the subcommand (`csi-oci serve
-    # --state-dir ...`); SUPPRESS keeps the top-level value unless given there.
+    # Options of the data path: accepted before the subcommand and after it
+    # (`csi-oci serve --state-dir ...`); after it, SUPPRESS keeps the
+    # top-level value unless given there.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
-    )
-    common.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
-    common.add_argument("--max-image-bytes", type=int, default=argparse.SUPPRESS)
+    for flags, kwargs in _global_options():
+        p.add_argument(*flags, **kwargs)
+        common.add_argument(*flags, **{**kwargs, "default": argparse.SUPPRESS})
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kw: str) -> argparse.ArgumentParser:
@@ -112,8 +93,116 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("dir", type=Path)
 
     add("status", help="images in the node store and the volumes using them (JSON)")
+    gc = add("gc", help="evict unused images until the store is within --cache-max-bytes")
+    gc.add_argument("--all", action="store_true", help="remove every image no volume uses")
     add("ls", help="one line per tree in the node store: image, digest, packaging, files, bytes")
     return p
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional binary suffix: 500Gi, 1Ti, 10Mi, or a plain number."""
+    units = {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+    raw = text.strip().lower()
+    for suffix, factor in units.items():
+        if raw.endswith(suffix):
+            return int(float(raw[: -len(suffix)]) * factor)
+    return int(raw)
+
+
+def _global_options() -> list[tuple[tuple[str, ...], dict[str, object]]]:
+    env = os.environ.get
+    return [
+        (
+            ("--log-level",),
+            {
+                "default": env("CSI_OCI_LOG_LEVEL", "info"),
+                "choices": ["debug", "info", "warning", "error"],
+            },
+        ),
+        (
+            ("--state-dir",),
+            {
+                "type": Path,
+                "default": Path(env("CSI_OCI_STATE_DIR", DEFAULT_STATE_DIR)),
+                "help": "node cache and volume records (default %(default)s)",
+            },
+        ),
+        (
+            ("--max-image-bytes",),
+            {
+                "type": _size,
+                "default": DEFAULT_MAX_IMAGE_BYTES,
+                "help": "refuse an image that unpacks to more bytes, unless its producer declared "
+                "the sizes (then those bound it); guards against decompression bombs",
+            },
+        ),
+        (
+            ("--registry-config",),
+            {
+                "type": Path,
+                "default": None,
+                "help": "TOML file: per registry host mirrors, TLS (ca, client cert), insecure; "
+                "re-read on change and on SIGHUP",
+            },
+        ),
+        (
+            ("--docker-config",),
+            {
+                "action": "append",
+                "default": [],
+                "help": "node-wide docker config.json with registry credentials (repeatable; "
+                "default: kubelet's locations, e.g. /var/lib/kubelet/config.json)",
+            },
+        ),
+        (
+            ("--first-byte-timeout",),
+            {
+                "type": float,
+                "default": None,
+                "help": "seconds to wait for a registry's response headers (spooling pull-through "
+                "caches can take long on a miss; default 120)",
+            },
+        ),
+        (
+            ("--blob-parallelism",),
+            {
+                "type": int,
+                "default": None,
+                "help": "ranged requests in flight for one large blob (default 1)",
+            },
+        ),
+        (
+            ("--cache-max-bytes",),
+            {
+                "type": _size,
+                "default": None,
+                "help": "budget of the node's image cache; unused images are evicted LRU first "
+                "(e.g. 200Gi; default: no budget)",
+            },
+        ),
+        (
+            ("--cache-min-free-bytes",),
+            {
+                "type": _size,
+                "default": 0,
+                "help": "free space to leave on the state dir's disk (e.g. 10Gi)",
+            },
+        ),
+    ]
+
+
+def node_settings(args: argparse.Namespace, publish_wait: float) -> NodeSettings:
+    return NodeSettings(
+        state_dir=args.state_dir,
+        publish_wait=publish_wait,
+        max_image_bytes=args.max_image_bytes,
+        registry_config=args.registry_config,
+        docker_config=tuple(args.docker_config),
+        first_byte_timeout=args.first_byte_timeout,
+        blob_parallelism=args.blob_parallelism,
+        cache_max_bytes=args.cache_max_bytes,
+        cache_min_free_bytes=args.cache_min_free_bytes,
+    )
 
 
 def _attrs(args: argparse.Namespace) -> dict[str, str]:
@@ -185,18 +274,14 @@ def _run(args: argparse.Namespace) -> int:
             ServeOptions(
                 args.endpoint,
                 args.node_id,
-                args.state_dir,
                 args.driver_name,
                 args.mode,
-                args.publish_wait,
-                args.max_image_bytes,
+                node_settings(args, args.publish_wait),
             )
         )
     parts = build_node_parts(
-        args.state_dir,
-        publish_wait=float("inf"),
+        node_settings(args, float("inf")),
         lock="none" if args.command in ("status", "ls") else "try",
-        max_image_bytes=args.max_image_bytes,
     )
     result: dict[str, object] = {}
 
@@ -244,6 +329,12 @@ def _run(args: argparse.Namespace) -> int:
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
         print(f"mounted {spec.reference} ({result['value'].image_digest}) read-only at {target}")  # type: ignore[attr-defined]
+        return 0
+    if args.command == "gc":
+        before = parts.store.usage().total
+        freed = parts.store.gc(parts.volumes.in_use(), everything=args.all)
+        after = parts.store.usage().total
+        print(f"freed {freed} bytes; the store holds {after} bytes (was {before})")
         return 0
     if args.command == "status":
         print(json.dumps(_status(parts), indent=1))

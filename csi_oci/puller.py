@@ -145,6 +145,8 @@ class Puller:
         self.store = store
         self.limits = limits or Limits()
         self.registries = registries or ConfigSource(None)
+        # Trees that volumes use (set by the VolumeManager): never evicted.
+        self.in_use: Callable[[], set[str]] = set
         self._jobs: dict[str, PullJob] = {}
         self._lock = threading.Lock()
 
@@ -264,7 +266,8 @@ class Puller:
         layers = tuple(lp for lp in plan.layers if _may_match(lp, select))
         job.progress.total = sum(lp.desc.size for lp in layers)
         job.progress.phase = "pulling"
-        budget = Budget(self._limits_for(layers))
+        disk = self._make_room(resolved, layers)
+        budget = Budget(self._limits_for(layers), parent=disk)
         staging = self.store.new_staging()
         try:
             rootfs = staging / "rootfs"
@@ -274,7 +277,7 @@ class Puller:
                 self._apply_artifact(
                     job, client, replace(plan, layers=layers), rootfs, budget, select
                 )
-            files, nbytes = _count_tree(rootfs)
+            files, nbytes, own = _count_tree(rootfs, self.store.blobs)
             record = ImageRecord(
                 digest=resolved.digest,
                 reference=str(resolved.reference),
@@ -287,6 +290,7 @@ class Puller:
                 files=files,
                 include=list(resolved.include),
                 key=resolved.key,
+                own_bytes=own,
             )
             job.progress.phase = "committing"
             crash_point("before-commit")
@@ -300,6 +304,25 @@ class Puller:
                     with contextlib.suppress(OSError):
                         self.store.blob_path(lp.desc.digest).unlink()
         return tree, record
+
+    def _make_room(self, resolved: ResolvedImage, layers: tuple[LayerPlan, ...]) -> Budget:
+        """Evict unused trees for this pull; a budget that stops it if it still cannot fit."""
+        declared = [lp.declared_bytes for lp in layers]
+        known = all(d is not None for d in declared)
+        estimate = sum(d or 0 for d in declared) if known else sum(lp.desc.size for lp in layers)
+        store = self.store
+        store.evict(estimate, self.in_use())
+        room = store.room()
+        if known and estimate > room:
+            budget = (
+                f"cache budget {store.max_bytes} bytes" if store.max_bytes else "no cache budget"
+            )
+            raise OutOfSpace(
+                f"{resolved.reference} needs {estimate} bytes but the node has room for {room} "
+                f"({budget}, {store.usage().total} bytes in use, free-space floor "
+                f"{store.min_free_bytes} bytes); unused images were evicted already"
+            )
+        return Budget(Limits(max_bytes=room), disk=True)
 
     def _limits_for(self, layers: tuple[LayerPlan, ...]) -> Limits:
         """The byte budget: what the producer declared when every layer did."""
@@ -521,16 +544,25 @@ def _link_into(root_fd: int, path: str, blob: Path, what: str) -> None:
         os.close(parent)
 
 
-def _count_tree(root: Path) -> tuple[int, int]:
-    """Regular files and their bytes in a finished tree (never following links)."""
-    files = nbytes = 0
+def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int]:
+    """Regular files, their bytes, and the bytes only this tree holds (files
+    hard-linked from the blob store are counted there), never following links."""
+    blob_inodes = set()
+    for entry in blob_store.iterdir() if blob_store.is_dir() else []:
+        with contextlib.suppress(OSError):
+            blob_inodes.add(entry.lstat().st_ino)
+    files = nbytes = own = 0
+    seen: set[int] = set()
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             st = os.lstat(os.path.join(dirpath, name))
             if stat.S_ISREG(st.st_mode):
                 files += 1
                 nbytes += st.st_size
-    return files, nbytes
+                if st.st_ino not in seen and st.st_ino not in blob_inodes:
+                    own += st.st_size
+                seen.add(st.st_ino)
+    return files, nbytes, own
 
 
 def _most_telling(errors: list[BaseException]) -> BaseException:

@@ -23,12 +23,14 @@ import grpc
 
 from csi_oci.applier import Limits
 from csi_oci.controller import ControllerService
+from csi_oci.credentials import NodeCredentials
 from csi_oci.csi.v1 import csi_pb2_grpc
 from csi_oci.errors import CsiOciError, FailedPrecondition, InvalidArgument, status_code_for
 from csi_oci.identity import IdentityService
 from csi_oci.node import NodeService
 from csi_oci.puller import Puller
 from csi_oci.redact import one_line
+from csi_oci.registry_config import ConfigSource
 from csi_oci.store import Store
 from csi_oci.volumes import VolumeManager
 
@@ -43,32 +45,57 @@ class NodeParts:
     store: Store
     puller: Puller
     volumes: VolumeManager
+    node_credentials: NodeCredentials
+    registries: ConfigSource
 
 
-def build_node_parts(
-    state_dir: Path,
-    *,
-    publish_wait: float = 90.0,
-    lock: str = "wait",
-    max_image_bytes: int = 1 << 40,
-) -> NodeParts:
+@dataclass(frozen=True)
+class NodeSettings:
+    """Everything the data path is configured with (flags of serve and the CLI)."""
+
+    state_dir: Path
+    publish_wait: float = 90.0
+    max_image_bytes: int = 1 << 40
+    registry_config: Path | None = None
+    docker_config: tuple[str, ...] = ()
+    first_byte_timeout: float | None = None
+    blob_parallelism: int | None = None
+    cache_max_bytes: int | None = None
+    cache_min_free_bytes: int = 0
+
+
+def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts:
     """Wire the data path (shared by `serve` and the CLI commands).
 
     `lock`: "wait" (serve: wait for a previous driver to exit), "try" (CLI
     commands that change state: refuse while a server runs) or "none"
     (read-only inspection: no lock, no recovery).
     """
-    store = Store(state_dir)
-    puller = Puller(store, limits=Limits(max_bytes=max_image_bytes))
-    volumes = VolumeManager(store, puller, publish_wait=publish_wait)
+    overrides: dict[str, object] = {}
+    if settings.first_byte_timeout is not None:
+        overrides["first_byte_timeout"] = settings.first_byte_timeout
+    if settings.blob_parallelism is not None:
+        overrides["blob_parallelism"] = settings.blob_parallelism
+    registries = ConfigSource(settings.registry_config, overrides=overrides)
+    store = Store(
+        settings.state_dir,
+        max_bytes=settings.cache_max_bytes,
+        min_free_bytes=settings.cache_min_free_bytes,
+    )
+    puller = Puller(store, limits=Limits(max_bytes=settings.max_image_bytes), registries=registries)
+    volumes = VolumeManager(store, puller, publish_wait=settings.publish_wait)
+    node_credentials = NodeCredentials(list(settings.docker_config) or None)
+    parts = NodeParts(store, puller, volumes, node_credentials, registries)
     if lock == "none":
-        return NodeParts(store, puller, volumes)
+        return parts
     try:
         if lock == "wait":
             try:
                 store.lock(wait=False)
             except FailedPrecondition:
-                logging.getLogger("csi_oci").info("waiting for the state dir lock of %s", state_dir)
+                logging.getLogger("csi_oci").info(
+                    "waiting for the state dir lock of %s", settings.state_dir
+                )
                 store.lock(wait=True)
         else:
             store.lock(wait=False)
@@ -77,8 +104,10 @@ def build_node_parts(
     except OSError as exc:
         # Keep serving: Probe reports not-ready and publishes fail with this
         # reason, which is more useful to an operator than a crash loop.
-        logging.getLogger("csi_oci").error("state dir %s is not usable: %s", state_dir, exc)
-    return NodeParts(store, puller, volumes)
+        logging.getLogger("csi_oci").error(
+            "state dir %s is not usable: %s", settings.state_dir, exc
+        )
+    return parts
 
 
 def socket_path(endpoint: str) -> str:
@@ -158,11 +187,9 @@ class _RpcInterceptor(grpc.ServerInterceptor):
 class ServeOptions:
     endpoint: str
     node_id: str
-    state_dir: Path
     driver_name: str
     mode: str  # node | controller | all
-    publish_wait: float = 90.0
-    max_image_bytes: int = 1 << 40
+    node: NodeSettings
 
 
 def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
@@ -176,10 +203,10 @@ def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
     if with_node:
         if not opts.node_id:
             raise InvalidArgument("--node-id is required in node mode")
-        parts = build_node_parts(
-            opts.state_dir, publish_wait=opts.publish_wait, max_image_bytes=opts.max_image_bytes
+        parts = build_node_parts(opts.node)
+        csi_pb2_grpc.add_NodeServicer_to_server(
+            NodeService(opts.node_id, parts.volumes, parts.node_credentials), server
         )
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(opts.node_id, parts.volumes), server)
         ready = parts.store.usable
     else:
 
@@ -200,7 +227,7 @@ def serve(opts: ServeOptions) -> int:
     # sigwait. With a Python signal handler instead, the kernel may deliver
     # the signal to a gRPC thread while the main thread sleeps in a futex and
     # never runs the handler: the driver would ignore SIGTERM.
-    signals = {signal.SIGTERM, signal.SIGINT}
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     path = socket_path(opts.endpoint)
     remove_stale_socket(path)
@@ -215,9 +242,12 @@ def serve(opts: ServeOptions) -> int:
         opts.mode,
         path,
         opts.node_id or "-",
-        opts.state_dir,
+        opts.node.state_dir,
     )
-    signum = signal.sigwait(signals)
+    while (signum := signal.sigwait(signals)) == signal.SIGHUP:
+        main_log.info("received SIGHUP: reloading the registry configuration")
+        if parts is not None:
+            parts.registries.reload()
     main_log.info("received %s, shutting down", signal.Signals(signum).name)
     # A node plugin that ignores SIGTERM blocks node drains and DaemonSet
     # rollouts. Should a graceful stop ever hang, print every thread's stack

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ class ImageRecord:
     files: int = 0
     include: list[str] = field(default_factory=list)
     key: str = ""
+    own_bytes: int = 0  # on disk for this tree alone (shared raw blobs not counted)
 
     def summary(self) -> str:
         """The one-line summary users see in the log and in `csi-oci ls`."""
@@ -191,14 +193,136 @@ class ImageRecord:
         )
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What the store holds on disk, by the bytes of the files in it."""
+
+    trees: int  # bytes of files owned by trees (hard-linked raw files excluded)
+    blobs: int  # bytes in the blob store (raw files, counted once however linked)
+
+    @property
+    def total(self) -> int:
+        return self.trees + self.blobs
+
+
 class Store:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self, state_dir: Path, *, max_bytes: int | None = None, min_free_bytes: int = 0
+    ) -> None:
         self.root = Path(state_dir)
         self.images = self.root / "images" / "sha256"
         self.refs = self.root / "refs"
         self.blobs = self.root / "blobs" / "sha256"
         self.staging = self.root / "staging"
         self.durable = Durability(self.root / "pending-sync")
+        self.max_bytes = max_bytes  # --cache-max-bytes; None: no budget
+        self.min_free_bytes = min_free_bytes  # --cache-min-free-bytes: a floor for the disk
+        self.gc_lock = threading.Lock()
+        self._pinned: dict[str, int] = {}  # trees a publish is about to mount
+
+    # -- budget and garbage collection -----------------------------------------------
+
+    @contextlib.contextmanager
+    def pinned(self, key: str) -> Iterator[None]:
+        """Keep a tree from eviction between finding it and recording its volume."""
+        with self.gc_lock:
+            self._pinned[key] = self._pinned.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self.gc_lock:
+                self._pinned[key] -= 1
+                if not self._pinned[key]:
+                    del self._pinned[key]
+
+    def touch(self, key: str) -> None:
+        """Mark a tree as just used (eviction is least recently used first)."""
+        with contextlib.suppress(OSError, ValueError):
+            os.utime(self._image_dir(key) / "image.json")
+
+    def usage(self) -> Usage:
+        trees = sum(rec.own_bytes for rec in self.list_images())
+        blobs = 0
+        for entry in self.blobs.iterdir() if self.blobs.is_dir() else []:
+            with contextlib.suppress(OSError):
+                blobs += entry.lstat().st_size
+        return Usage(trees, blobs)
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def room(self) -> int:
+        """Bytes a new pull may add now: under the budget and above the floor."""
+        limits = [self.free_bytes() - self.min_free_bytes]
+        if self.max_bytes is not None:
+            limits.append(self.max_bytes - self.usage().total)
+        return max(0, min(limits))
+
+    def _candidates(self, in_use: set[str]) -> list[tuple[float, str, Path, int]]:
+        """Evictable items, least recently used first: (time, label, path, bytes)."""
+        out = []
+        with self.gc_lock:
+            busy = set(in_use) | set(self._pinned)
+        for rec in self.list_images():
+            key = rec.key or rec.digest
+            if key in busy:
+                continue
+            with contextlib.suppress(OSError):
+                used = (self._image_dir(key) / "image.json").stat().st_mtime
+                out.append(
+                    (used, f"tree {rec.reference} ({key})", self._image_dir(key), rec.own_bytes)
+                )
+        for entry in self.blobs.iterdir() if self.blobs.is_dir() else []:
+            if entry.name.endswith(".partial"):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.lstat()
+                if st.st_nlink == 1:  # linked into no tree: a cached download
+                    out.append((st.st_mtime, f"blob {entry.name}", entry, st.st_size))
+        out.sort(key=lambda item: item[0])
+        return out
+
+    def evict(self, needed: int, in_use: set[str]) -> int:
+        """Free space for `needed` more bytes, LRU first, never what is in use.
+
+        Trees whose raw files are hard links keep those blobs alive; removing
+        such a tree turns them into unlinked blobs, evictable in turn.
+        """
+        freed = 0
+        for _ in range(3):  # a removed tree can make its blobs evictable
+            progress = False
+            for _used, label, path, nbytes in self._candidates(in_use):
+                if self.room() >= needed:
+                    return freed
+                log.info("evicting %s (%d bytes)", label, nbytes)
+                self._remove(path)
+                freed += nbytes
+                progress = True
+            if not progress:
+                break
+        return freed
+
+    def gc(self, in_use: set[str], *, everything: bool = False) -> int:
+        """`csi-oci gc`: back under the budget (or remove all that is unused)."""
+        if everything:
+            freed = 0
+            for _ in range(2):
+                for _used, label, path, nbytes in self._candidates(in_use):
+                    log.info("removing %s (%d bytes)", label, nbytes)
+                    self._remove(path)
+                    freed += nbytes
+            return freed
+        return self.evict(0, in_use)
+
+    def _remove(self, path: Path) -> None:
+        if path.is_dir():
+            # Out of sight first (atomic), then delete at leisure.
+            hidden = Path(tempfile.mkdtemp(prefix="evict-", dir=self.staging))
+            os.rename(path, hidden / "tree")
+            shutil.rmtree(hidden, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def lock(self, *, wait: bool) -> int:
         """Take the state dir's owner lock (held until the process exits).

@@ -61,6 +61,7 @@ class VolumeManager:
         self.records = store.root / "volumes"
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        puller.in_use = self.in_use
 
     # -- records -------------------------------------------------------------
 
@@ -92,6 +93,10 @@ class VolumeManager:
                 if raw is not None:
                     out.append(VolumeRecord(**raw))
         return out
+
+    def in_use(self) -> set[str]:
+        """Trees that published (or publishing) volumes use: never evicted."""
+        return set(self.refcounts())
 
     def refcounts(self) -> dict[str, int]:
         """Tree key (image digest, plus include set) -> number of volumes using it."""
@@ -147,10 +152,12 @@ class VolumeManager:
                 spec.reference, spec.platform, spec.pull_policy, credentials, spec.include
             )
             budget = self.publish_wait if wait is None else wait
-            tree = self.puller.ensure(
-                resolved, spec.platform, None if math.isinf(budget) else budget
-            )
-            return self._mount(volume_id, target, spec, resolved.digest, tree, resolved.key)
+            with self.store.pinned(resolved.key):
+                tree = self.puller.ensure(
+                    resolved, spec.platform, None if math.isinf(budget) else budget
+                )
+                self.store.touch(resolved.key)
+                return self._mount(volume_id, target, spec, resolved.digest, tree, resolved.key)
 
     def _republish_check(
         self, volume_id: str, target: str, spec: VolumeSpec

@@ -15,6 +15,21 @@ Findings for Debian's ``docker-registry`` 2.8.2:
   ``<root>/docker/registry/v2/blobs/<algo>/<first two hex>/<hex>/data`` and
   the registry serves it without re-verifying, so a test can corrupt a blob by
   editing that file.
+* TLS is ``http.tls.certificate`` / ``http.tls.key`` (PEM paths); the default
+  ``minimumtls`` is tls1.2 and Go negotiates TLS 1.3 with Python's ssl.
+  ``http.tls.clientcas`` (a *list* of CA paths) switches Go to
+  ``RequireAndVerifyClientCert``: every connection must present a client
+  certificate issued by one of those CAs.  TLS 1.3 is negotiated, so the
+  client's side of the handshake completes before the server has checked
+  anything: Python's ``ssl`` only fails on the first read, with
+  ``SSLV3_ALERT_BAD_CERTIFICATE`` when no certificate was sent (Go 1.19 sends
+  bad_certificate, not certificate_required) and ``SSLEOFError`` when the
+  certificate is from another CA; ``requests`` raises ``SSLError`` for both.
+  The log says ``http: TLS handshake error from ...: tls: client didn't
+  provide a certificate`` / ``failed to verify client certificate``.
+* ``proxy.remoteurl`` makes a pull-through cache (see mirrors.py).  A Go
+  process reads extra trusted CAs only from ``SSL_CERT_FILE``/
+  ``SSL_CERT_DIR``, hence ``proxy_remote_ca``.
 """
 
 from __future__ import annotations
@@ -28,11 +43,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import IO, Any
 
 import requests
+import urllib3
 
 from .tokenserver import TokenServer
 
@@ -120,9 +137,19 @@ class Registry:
     """A ``docker-registry serve`` process on 127.0.0.1 with filesystem storage.
 
     Starts in the constructor and returns once ``GET /v2/`` answers (200 or
-    401).  ``host`` is ``127.0.0.1:PORT``, ``url`` is ``http://host``,
-    ``root`` the storage root.  ``credentials`` is ``(user, password)`` for an
-    authenticated registry, else None.
+    401).  ``host`` is ``127.0.0.1:PORT``, ``url`` is ``http://host`` (or
+    ``https://host`` with ``tls``), ``root`` the storage root.
+    ``credentials`` is ``(user, password)`` for an authenticated registry,
+    else None.
+
+    TLS: ``tls=(cert_path, key_path)`` serves HTTPS; ``tls_ca`` is the CA
+    that issued the certificate (``verify`` for ``request`` and the readiness
+    check; without it they do not verify).  ``client_ca`` (a CA certificate
+    path) requires client certificates issued by it; ``client_cert=(crt,
+    key)`` is what ``request`` (and the readiness check) then presents.
+    Without ``client_cert`` the readiness check only waits for the listener.
+    ``proxy_remote_ca`` trusts that CA for the ``proxy_remote_url`` upstream
+    (``SSL_CERT_FILE`` of the registry process).
     """
 
     def __init__(
@@ -135,9 +162,24 @@ class Registry:
         proxy_credentials: tuple[str, str] | None = None,
         port: int | None = None,
         startup_timeout: float = 20.0,
+        tls: tuple[str | Path, str | Path] | None = None,
+        tls_ca: str | Path | None = None,
+        client_ca: str | Path | None = None,
+        client_cert: tuple[str | Path, str | Path] | None = None,
+        proxy_remote_ca: str | Path | None = None,
     ) -> None:
         if htpasswd and token_auth:
             raise ValueError("choose one of htpasswd and token_auth")
+        if client_ca is not None and tls is None:
+            raise ValueError("client_ca needs tls")
+        self.tls = (str(tls[0]), str(tls[1])) if tls else None
+        self.tls_ca = str(tls_ca) if tls_ca is not None else None
+        self.client_ca = str(client_ca) if client_ca is not None else None
+        self.client_cert = (str(client_cert[0]), str(client_cert[1])) if client_cert else None
+        self.proxy_remote_ca = str(proxy_remote_ca) if proxy_remote_ca is not None else None
+        self.scheme = "https" if tls else "http"
+        # what requests' verify= needs for this registry
+        self.verify: str | bool = self.tls_ca if self.tls_ca else not tls
         self._binary = find_tool("docker-registry")
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -190,7 +232,7 @@ class Registry:
         for attempt in range(attempts):
             self.port = port if port is not None else free_port()
             self.host = f"127.0.0.1:{self.port}"
-            self.url = f"http://{self.host}"
+            self.url = f"{self.scheme}://{self.host}"
             try:
                 self._start(startup_timeout)
                 return
@@ -217,6 +259,13 @@ class Registry:
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
         }
+        if self.tls:
+            tls: dict[str, object] = {"certificate": self.tls[0], "key": self.tls[1]}
+            if self.client_ca:
+                tls["clientcas"] = [self.client_ca]
+            http = config["http"]
+            assert isinstance(http, dict)
+            http["tls"] = tls
         if self._auth:
             config["auth"] = self._auth
         if self._proxy:
@@ -226,7 +275,10 @@ class Registry:
     def _start(self, timeout: float) -> None:
         self.config_path.write_text(json.dumps(self._config(), indent=2))
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        if self.proxy_remote_ca:
+            env["SSL_CERT_FILE"] = self.proxy_remote_ca
         log = open(self.log_path, "ab")  # closed by _stop_process
+        self._log_start = len(self.log_text())
         proc = subprocess.Popen(
             [self._binary, "serve", str(self.config_path)],
             stdin=subprocess.DEVNULL,
@@ -245,12 +297,8 @@ class Registry:
                     f"docker-registry exited with {proc.returncode} on {self.host}:\n"
                     + self.log_tail()
                 )
-            try:
-                resp = requests.get(f"{self.url}/v2/", timeout=0.5)
-                if resp.status_code in (200, 401):
-                    return
-            except requests.RequestException:
-                pass
+            if self._ready():
+                return
             if time.monotonic() > deadline:
                 self._finalizer()
                 raise RegistryStartError(
@@ -258,6 +306,26 @@ class Registry:
                     + self.log_tail()
                 )
             time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        if self.client_ca and not self.client_cert:
+            # No certificate to get past the handshake: wait for the listener.
+            if "listening on" not in self.log_text()[self._log_start :]:
+                return False
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            except OSError:
+                return False
+            return True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                resp = requests.get(
+                    f"{self.url}/v2/", timeout=0.5, verify=self.verify, cert=self.client_cert
+                )
+        except requests.RequestException:
+            return False
+        return resp.status_code in (200, 401)
 
     def log_text(self) -> str:
         try:
@@ -289,7 +357,7 @@ class Registry:
 
     def __repr__(self) -> str:
         kind = "token" if self.token_server else "htpasswd" if self.htpasswd else "anonymous"
-        return f"<Registry {kind} {self.host}>"
+        return f"<Registry {kind} {self.url}>"
 
     # -- storage layout ----------------------------------------------------
 
@@ -317,10 +385,14 @@ class Registry:
         ``credentials`` defaults to the registry's own (None = anonymous).
         Basic auth is sent up front to an htpasswd registry; a Bearer challenge
         is answered by fetching a token from its realm (``scope`` overrides the
-        challenge's scope).
+        challenge's scope).  ``verify`` and ``cert`` default to the registry's
+        ``verify`` and ``client_cert``.
         """
         creds = self.credentials if credentials is DEFAULT else credentials
         kwargs.setdefault("timeout", 30)
+        kwargs.setdefault("verify", self.verify)
+        if self.client_cert:
+            kwargs.setdefault("cert", self.client_cert)
         hdrs = dict(headers or {})
         url = f"{self.url}{path}"
         basic = creds if self.htpasswd else None
