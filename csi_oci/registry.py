@@ -404,6 +404,11 @@ class RegistryClient:
                 )
                 try:
                     data = _read_capped(resp, MAX_MANIFEST_BYTES, what)
+                except requests.exceptions.RequestException as exc:
+                    raise TransientError(
+                        f"{what}: the connection to {conn.name} broke while reading it: "
+                        f"{_short(exc)}"
+                    ) from None
                 finally:
                     resp.close()
                 break
