@@ -311,8 +311,13 @@ class Puller:
         known = all(d is not None for d in declared)
         estimate = sum(d or 0 for d in declared) if known else sum(lp.desc.size for lp in layers)
         store = self.store
-        store.evict(estimate, self.in_use())
-        room = store.room()
+        in_use = self.in_use()
+        if known and estimate > store.best_room(in_use):
+            # It cannot fit even in an emptied cache: evicting would only cost.
+            room = store.best_room(in_use)
+        else:
+            store.evict(estimate, in_use)
+            room = store.room()
         if known and estimate > room:
             budget = (
                 f"cache budget {store.max_bytes} bytes" if store.max_bytes else "no cache budget"
@@ -320,7 +325,7 @@ class Puller:
             raise OutOfSpace(
                 f"{resolved.reference} needs {estimate} bytes but the node has room for {room} "
                 f"({budget}, {store.usage().total} bytes in use, free-space floor "
-                f"{store.min_free_bytes} bytes); unused images were evicted already"
+                f"{store.min_free_bytes} bytes), even with every unused image evicted"
             )
         return Budget(Limits(max_bytes=room), disk=True)
 

@@ -60,6 +60,7 @@ from csi_oci.transfer import (
     ResumableStream,
     RetryPolicy,
     TransientError,
+    Unreachable,
     parse_retry_after,
 )
 
@@ -200,12 +201,15 @@ class _Connection:
         self._timeout = timeout
         self._oras: oras.provider.Registry | None = None
         self._lock = threading.Lock()
+        self.dead = False
 
     @property
     def name(self) -> str:
         return self.endpoint.describe()
 
     def _client(self) -> oras.provider.Registry:
+        if self.dead and self.endpoint.mirror:
+            raise Unreachable(f"{self.name} did not answer earlier in this pull")
         with self._lock:
             if self._oras is None:
                 self._oras = self._connect()
@@ -219,6 +223,8 @@ class _Connection:
         backend = "basic" if challenge.lower().startswith("basic") else "token"
         if ping.status_code in TRANSIENT_STATUS:
             raise TransientError(f"{self.name} answered HTTP {ping.status_code}")
+        if ping.status_code == 400 and self.endpoint.base_url.startswith("http://"):
+            raise RegistryError(_https_hint(self.name, self.endpoint.host))
         if ping.status_code == 401 and not challenge:
             raise AuthError(f"{self.name} demands authentication but sent no challenge")
         if ping.status_code == 401 and backend == "basic" and self.credentials is None:
@@ -254,7 +260,11 @@ class _Connection:
         except (requests.exceptions.Timeout, TimeoutError):
             raise TransientError(f"{self.name} timed out") from None
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
-            raise TransientError(f"cannot connect to {self.name}: {_short(exc)}") from None
+            reason = _short(exc)
+            if reason in ("connection refused", "host name does not resolve"):
+                self.dead = True  # skip it for the rest of this pull
+                raise Unreachable(f"cannot connect to {self.name}: {reason}") from None
+            raise TransientError(f"cannot connect to {self.name}: {reason}") from None
 
     def get(self, path: str, headers: dict[str, str], *, what: str) -> requests.Response:
         """GET base+path with auth; the response's status is checked."""
@@ -303,6 +313,8 @@ class _Connection:
             raise TransientError(
                 f"{self.name} answered HTTP {code} for {what}{suffix}", retry_after
             )
+        if code == 400 and self.endpoint.base_url.startswith("http://"):
+            raise RegistryError(_https_hint(self.name, self.endpoint.host))
         if code == 416:
             raise RangeNotSatisfiable(f"{self.name} answered HTTP 416 for {what}")
         raise RegistryError(f"{self.name} answered HTTP {code} for {what}{suffix}")
@@ -317,16 +329,25 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
+def _https_hint(name: str, host: str) -> str:
+    return (
+        f"{name} answered plain HTTP with 400: it most likely speaks HTTPS. In "
+        f'--registry-config set [hosts."{host}"] insecure = false (and ca = "<CA bundle>" '
+        "for a private CA)"
+    )
+
+
 def _short_tls(exc: BaseException) -> str:
+    """The SSL reason (e.g. CERTIFICATE_VERIFY_FAILED: unable to get local issuer)."""
+    import re
+
     text = str(exc)
-    for marker in (
-        "CERTIFICATE_VERIFY_FAILED",
-        "certificate required",
-        "SSLV3_ALERT",
-        "WRONG_VERSION",
-    ):
+    match = re.search(r"\[SSL: ([A-Z0-9_]+)\] ([^(]*)", text)
+    if match:
+        return f"{match.group(1)}: {match.group(2).strip()}"
+    for marker in ("certificate required", "SSLV3_ALERT_BAD_CERTIFICATE", "EOF occurred"):
         if marker in text:
-            return text[text.find(marker) : text.find(marker) + 120].split("'")[0].strip("()")
+            return marker + " (the server wants a client certificate it accepts)"
     return text[:200]
 
 
@@ -415,6 +436,8 @@ class RegistryClient:
             except TransientError as exc:
                 if attempt >= self.policy.max_attempts:
                     raise
+                if isinstance(exc, Unreachable) and conn.endpoint.mirror:
+                    raise  # a mirror nobody answers at: the next endpoint, now
                 time.sleep(self.policy.delay(attempt, exc.retry_after))
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if key.startswith("sha256:") and key != digest:

@@ -35,6 +35,7 @@ unless a mirror says `resolve_tags = true`. Loopback registries (localhost,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -100,7 +101,9 @@ class RegistryConfig:
         return out
 
 
-def _tls(settings: HostSettings | dict[str, Any]) -> tuple[bool | str, tuple[str, str] | None]:
+def _tls(
+    settings: HostSettings | dict[str, Any], where: str = "registry config"
+) -> tuple[bool | str, tuple[str, str] | None]:
     get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k, d)
     verify: bool | str = True
     if get("skip_verify", False):
@@ -110,7 +113,7 @@ def _tls(settings: HostSettings | dict[str, Any]) -> tuple[bool | str, tuple[str
     cert = None
     if get("client_cert") or get("client_key"):
         if not (get("client_cert") and get("client_key")):
-            raise InvalidArgument("client_cert and client_key must be given together")
+            raise InvalidArgument(f"{where}: client_cert and client_key must be given together")
         cert = (str(get("client_cert")), str(get("client_key")))
     return verify, cert
 
@@ -147,7 +150,7 @@ def _mirror_endpoint(registry: str, index: int, raw: dict[str, Any]) -> Endpoint
         prefix = "/".join(
             p for p in (parts.path.strip("/").removeprefix("v2").strip("/"), prefix) if p
         )
-    verify, cert = _tls(raw)
+    verify, cert = _tls(raw, where)
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict):
         raise InvalidArgument(f"{where}: headers must be a table")
@@ -178,8 +181,44 @@ _MIRROR_KEYS = {
 _TOP_KEYS = {"hosts", "first_byte_timeout", "max_attempts", "blob_parallelism"}
 
 
+_TYPES: dict[str, tuple[type, ...]] = {
+    "insecure": (bool,),
+    "skip_verify": (bool,),
+    "resolve_tags": (bool,),
+    "ca": (str,),
+    "client_cert": (str,),
+    "client_key": (str,),
+    "url": (str,),
+    "repository_prefix": (str,),
+    "headers": (dict,),
+    "mirrors": (list,),
+    "hosts": (dict,),
+    "first_byte_timeout": (int, float),
+    "max_attempts": (int,),
+    "blob_parallelism": (int,),
+}
+
+
+def _typed(table: dict[str, Any], where: str) -> None:
+    """Refuse values of the wrong type: `skip_verify = "false"` must not mean true."""
+    for key, value in table.items():
+        want = _TYPES.get(key)
+        if want is None:
+            continue
+        if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
+            names = " or ".join(
+                "boolean"
+                if t is bool
+                else "number"
+                if t in (int, float)
+                else {"str": "string", "dict": "table", "list": "array"}[t.__name__]
+                for t in want
+            )
+            raise InvalidArgument(f"{where}: {key} must be a {names}, not {value!r}")
+
+
 def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
-    """Parse and validate; unknown keys are errors (a typo must not be ignored)."""
+    """Parse and validate; unknown keys and mistyped values are errors."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -187,6 +226,7 @@ def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise InvalidArgument(f"{source}: unknown keys {sorted(unknown)}")
+    _typed(doc, source)
     hosts: dict[str, HostSettings] = {}
     for host, raw in (doc.get("hosts") or {}).items():
         if not isinstance(raw, dict):
@@ -194,11 +234,13 @@ def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
         bad = set(raw) - _HOST_KEYS
         if bad:
             raise InvalidArgument(f"{source}: hosts.{host}: unknown keys {sorted(bad)}")
+        _typed(raw, f"{source}: hosts.{host}")
         mirrors = []
         for item in raw.get("mirrors") or []:
             entry = {"url": item} if isinstance(item, str) else item
             if not isinstance(entry, dict) or set(entry) - _MIRROR_KEYS:
                 raise InvalidArgument(f"{source}: hosts.{host}: bad mirror entry {item!r}")
+            _typed(entry, f"{source}: hosts.{host}: mirror {len(mirrors) + 1}")
             mirrors.append(entry)
         settings = HostSettings(
             insecure=raw.get("insecure"),
@@ -208,7 +250,7 @@ def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
             client_key=raw.get("client_key"),
             mirrors=tuple(mirrors),
         )
-        _tls(settings)  # validate pairs early
+        _tls(settings, f"{source}: hosts.{host}")  # validate pairs early
         for index, mirror in enumerate(mirrors):
             _mirror_endpoint(host, index, mirror)
         hosts[host] = settings
@@ -255,10 +297,13 @@ class ConfigSource:
                 self._stamp = None
                 self._config = self._with_overrides(RegistryConfig())
                 return
-            except (OSError, InvalidArgument) as exc:
+            except (OSError, InvalidArgument, ValueError, TypeError, AttributeError) as exc:
                 log.error(
                     "registry config %s not loaded, keeping the previous one: %s", self.path, exc
                 )
+                with contextlib.suppress(OSError):
+                    st = os.stat(self.path)
+                    self._stamp = (st.st_mtime_ns, st.st_size)  # log once per change
                 return
             self._stamp = (st.st_mtime_ns, st.st_size)
             self._config = self._with_overrides(cfg)

@@ -252,11 +252,22 @@ class Store:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def room(self) -> int:
-        """Bytes a new pull may add now: under the budget and above the floor."""
+    def _headroom(self) -> int:
+        """Bytes a new pull may add now (negative: over budget or below the floor)."""
         limits = [self.free_bytes() - self.min_free_bytes]
         if self.max_bytes is not None:
             limits.append(self.max_bytes - self.usage().total)
+        return min(limits)
+
+    def room(self) -> int:
+        return max(0, self._headroom())
+
+    def best_room(self, in_use: set[str]) -> int:
+        """Room there would be after evicting everything evictable."""
+        evictable = sum(nbytes for _t, _l, _p, nbytes in self._candidates(in_use))
+        limits = [self.free_bytes() + evictable - self.min_free_bytes]
+        if self.max_bytes is not None:
+            limits.append(self.max_bytes - (self.usage().total - evictable))
         return max(0, min(limits))
 
     def _candidates(self, in_use: set[str]) -> list[tuple[float, str, Path, int]]:
@@ -293,7 +304,7 @@ class Store:
         for _ in range(3):  # a removed tree can make its blobs evictable
             progress = False
             for _used, label, path, nbytes in self._candidates(in_use):
-                if self.room() >= needed:
+                if self._headroom() >= needed:
                     return freed
                 log.info("evicting %s (%d bytes)", label, nbytes)
                 self._remove(path)

@@ -44,6 +44,14 @@ class TransientError(RegistryError):
         self.retry_after = retry_after
 
 
+class Unreachable(TransientError):
+    """Nobody answers at all (connection refused, name does not resolve).
+
+    A mirror in that state is skipped at once for the rest of the pull;
+    only the registry itself is waited for with backoff.
+    """
+
+
 class RangeIgnored(RegistryError):
     """The server answered a ranged request with the whole blob."""
 
@@ -186,6 +194,13 @@ class ResumableStream:
             name, opener = self._openers[self._ep]
             try:
                 resp = opener(self.pos, self.end)
+            except Unreachable as exc:
+                if self._ep + 1 < len(self._openers):
+                    log.info("%s: %s (%s); trying the next endpoint", self._what, name, exc)
+                    self._next_endpoint()
+                    continue
+                self._failed(exc)
+                continue
             except TransientError as exc:
                 self._failed(exc)
                 continue
