@@ -562,7 +562,8 @@ class _FallbackParallel:
     def read(self, n: int = -1, /) -> bytes:
         buf = bytearray(n if n and n > 0 else 1 << 22)
         got = self.readinto(buf)
-        return bytes(buf[:got])
+        del buf[got:]
+        return buf  # type: ignore[return-value]  # bytes-like, see ResumableStream.read
 
     def close(self) -> None:
         if self._parallel is not None:

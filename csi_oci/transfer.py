@@ -150,15 +150,21 @@ class ResumableStream:
     # -- file protocol ------------------------------------------------------------
 
     def readinto(self, buf: memoryview | bytearray) -> int:
+        """Fill `buf` (short only at the end of the range), resuming as needed.
+
+        Filling whole buffers matters: one socket read returns ~64 KiB, and
+        callers hash and write per call.
+        """
         view = memoryview(buf)
         want = min(len(view), self.end - self.pos)
         if want <= 0:
             self.close()
             return 0
-        while True:
+        total = 0
+        while total < want:
             self._ensure_open()
             try:
-                n = self._body.readinto(view[:want])
+                n = self._body.readinto(view[total:want])
             except BODY_ERRORS as exc:
                 self._broken(TransientError(f"connection broke: {_short(exc)}"))
                 continue
@@ -166,15 +172,20 @@ class ResumableStream:
                 self._broken(TransientError("connection closed before the end of the blob"))
                 continue
             self.pos += n
+            total += n
             self._count(n)
             self._progress = True
-            return n
+        return total
 
     def read(self, n: int = -1, /) -> bytes:
         size = self.end - self.pos if n is None or n < 0 else n
-        buf = bytearray(min(size, 1 << 22) if size > 0 else 0)
+        buf = bytearray(max(0, min(size, 1 << 22, self.end - self.pos)))
         got = self.readinto(buf) if buf else 0
-        return bytes(buf[:got])
+        del buf[got:]  # in place, no copy
+        # A bytearray, not bytes: every consumer (hashlib, zlib, zstandard,
+        # tarfile, os.write) takes bytes-like objects, and on multi-GiB blobs
+        # the copy bytes() would make costs as much as the hashing.
+        return buf  # type: ignore[return-value]
 
     def close(self) -> None:
         if self._resp is not None:
@@ -358,7 +369,8 @@ class ParallelRangeStream:
     def read(self, n: int = -1, /) -> bytes:
         buf = bytearray(n if n and n > 0 else 1 << 22)
         got = self.readinto(buf)
-        return bytes(buf[:got])
+        del buf[got:]
+        return buf  # type: ignore[return-value]  # bytes-like, see ResumableStream.read
 
     def close(self) -> None:
         self._stop.set()
