@@ -148,23 +148,48 @@ def _int(obj: dict[str, Any], key: str) -> int:
     return value
 
 
-def parse_toc_json(toc_json: bytes, toc_offset: int, fmt: str, compression: str) -> TOC:
-    """The eStargz TOC schema (`version` 1, `entries`), as stargz-snapshotter writes it."""
+def entry_from_toc(raw: dict[str, Any], name: str, kind: Any) -> Entry:
+    """The metadata fields both TOC schemas share (eStargz's and containers/storage's)."""
+    if kind not in ENTRY_TYPES:
+        raise InvalidLayer(f"TOC entry {name!r} has unknown type {kind!r}")
+    entry = Entry(
+        name=name,
+        type=str(kind),
+        size=_int(raw, "size"),
+        mode=_int(raw, "mode") & 0o7777,
+        uid=_int(raw, "uid"),
+        gid=_int(raw, "gid"),
+        mtime=_mtime(raw.get("modtime")),
+        link_name=str(raw.get("linkName", "") or ""),
+        dev_major=_int(raw, "devMajor"),
+        dev_minor=_int(raw, "devMinor"),
+        xattrs=_xattrs(raw),
+        digest=raw.get("digest") or None,
+    )
+    if kind == "hardlink":
+        entry.link_name = normalize_name(entry.link_name, f"TOC hard link {name!r}")
+    return entry
+
+
+def toc_entries(toc_json: bytes, what: str) -> list[dict[str, Any]]:
+    """The `entries` of a version-1 TOC, each checked to be an object."""
     try:
         doc = json.loads(toc_json)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidLayer(f"TOC is not valid JSON: {exc}") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("version") != 1
-        or not isinstance(doc.get("entries"), list)
-    ):
-        raise InvalidLayer("TOC is not an eStargz TOC (version 1 with entries)")
+        raise InvalidLayer(f"{what} is not valid JSON: {exc}") from None
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(entries, list):
+        raise InvalidLayer(f"{what} is not a version 1 TOC with entries")
+    if not all(isinstance(raw, dict) for raw in entries):
+        raise InvalidLayer(f"{what}: an entry is not an object")
+    return entries
+
+
+def parse_toc_json(toc_json: bytes, toc_offset: int, fmt: str, compression: str) -> TOC:
+    """The eStargz TOC schema (`version` 1, `entries`), as stargz-snapshotter writes it."""
     entries: dict[str, Entry] = {}
     prefetch_end = None
-    for raw in doc["entries"]:
-        if not isinstance(raw, dict):
-            raise InvalidLayer("TOC entry is not an object")
+    for raw in toc_entries(toc_json, "eStargz TOC"):
         kind = raw.get("type")
         name = normalize_name(str(raw.get("name", "")), "TOC entry")
         if kind == "chunk":
@@ -173,26 +198,9 @@ def parse_toc_json(toc_json: bytes, toc_offset: int, fmt: str, compression: str)
                 raise InvalidLayer(f"TOC chunk for {name!r} has no file before it")
             entry.pieces.append(_piece(raw, entry))
             continue
-        if kind not in ENTRY_TYPES:
-            raise InvalidLayer(f"TOC entry {name!r} has unknown type {kind!r}")
         if not name:
             continue  # the root directory
-        entry = Entry(
-            name=name,
-            type=str(kind),
-            size=_int(raw, "size"),
-            mode=_int(raw, "mode") & 0o7777,
-            uid=_int(raw, "uid"),
-            gid=_int(raw, "gid"),
-            mtime=_mtime(raw.get("modtime")),
-            link_name=str(raw.get("linkName", "") or ""),
-            dev_major=_int(raw, "devMajor"),
-            dev_minor=_int(raw, "devMinor"),
-            xattrs=_xattrs(raw),
-            digest=raw.get("digest") or None,
-        )
-        if kind == "hardlink":
-            entry.link_name = normalize_name(entry.link_name, f"TOC hard link {name!r}")
+        entry = entry_from_toc(raw, name, kind)
         if kind == "reg" and entry.size > 0:
             entry.pieces.append(_piece(raw, entry))
         if name == PREFETCH_LANDMARK and entry.pieces:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from typing import Any
 
 import zstandard
@@ -29,14 +28,14 @@ from csi_oci.lazy.estargz import (
     TOC_DIGEST_ANNOTATION,
     Fetch,
     _int,
-    _mtime,
     _toc_from_tar,
-    _xattrs,
     check_toc_digest,
+    entry_from_toc,
     parse_toc_json,
+    toc_entries,
     verify_piece,
 )
-from csi_oci.lazy.toc import ENTRY_TYPES, TOC, Entry, Piece, check_coverage, normalize_name
+from csi_oci.lazy.toc import TOC, Entry, Piece, check_coverage, normalize_name
 from csi_oci.streams import MAX_ZSTD_WINDOW
 
 PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
@@ -134,21 +133,9 @@ def read_toc(media_annotations: dict[str, str], fetch: Fetch, blob_size: int) ->
 
 def parse_containers_toc(toc_json: bytes, toc_offset: int) -> TOC:
     """containers/storage's TOC schema (`minimal.TOC`)."""
-    try:
-        doc = json.loads(toc_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidLayer(f"zstd:chunked TOC is not valid JSON: {exc}") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("version") != 1
-        or not isinstance(doc.get("entries"), list)
-    ):
-        raise InvalidLayer("zstd:chunked TOC is not version 1 with entries")
     entries: dict[str, Entry] = {}
     ends: dict[str, int] = {}
-    for raw in doc["entries"]:
-        if not isinstance(raw, dict):
-            raise InvalidLayer("zstd:chunked TOC entry is not an object")
+    for raw in toc_entries(toc_json, "zstd:chunked TOC"):
         kind = raw.get("type")
         name = normalize_name(str(raw.get("name", "")), "TOC entry")
         if kind == "chunk":
@@ -157,26 +144,9 @@ def parse_containers_toc(toc_json: bytes, toc_offset: int) -> TOC:
                 raise InvalidLayer(f"TOC chunk for {name!r} has no file before it")
             entry.pieces.append(_containers_piece(raw))
             continue
-        if kind not in ENTRY_TYPES:
-            raise InvalidLayer(f"TOC entry {name!r} has unknown type {kind!r}")
         if not name:
             continue
-        entry = Entry(
-            name=name,
-            type=str(kind),
-            size=_int(raw, "size"),
-            mode=_int(raw, "mode") & 0o7777,
-            uid=_int(raw, "uid"),
-            gid=_int(raw, "gid"),
-            mtime=_mtime(raw.get("modtime")),
-            link_name=str(raw.get("linkName", "") or ""),
-            dev_major=_int(raw, "devMajor"),
-            dev_minor=_int(raw, "devMinor"),
-            xattrs=_xattrs(raw),
-            digest=raw.get("digest") or None,
-        )
-        if kind == "hardlink":
-            entry.link_name = normalize_name(entry.link_name, f"TOC hard link {name!r}")
+        entry = entry_from_toc(raw, name, kind)
         if kind == "reg" and entry.size > 0:
             if raw.get("chunkDigest"):
                 entry.pieces.append(_containers_piece(raw))
