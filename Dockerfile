@@ -45,6 +45,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_INPUT=1 \
     PIP_INDEX_URL=${PIP_INDEX_URL}
 
+# pyfuse3 (lazy volumes) is compiled against libfuse3.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        gcc libc6-dev libfuse3-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
 # The context is filtered by .dockerignore (no .venv, .git, caches, tests).
 COPY . .

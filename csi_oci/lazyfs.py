@@ -1,0 +1,292 @@
+"""A read-only FUSE filesystem over lazily read layers (pyfuse3).
+
+The tree is the merge of the layers' TOCs, lowest layer first, with OCI
+whiteouts and opaque directories applied and the formats' own files
+(`stargz.index.json`, landmarks) hidden. File bytes come from
+`csi_oci.lazy.LazyReader`, which fetches, decompresses and verifies pieces:
+nothing unverified reaches a reader; a piece that fails verification (or
+cannot be fetched) makes that read fail with EIO, and the next read tries
+again.
+
+Content is immutable, so entries and attributes are cached by the kernel
+for a long time and open files keep their page cache. Reads run in worker
+threads (decompression and sha256 release the GIL), so concurrent readers
+proceed in parallel while the trio event loop keeps serving requests.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from csi_oci.errors import CsiOciError
+from csi_oci.lazy import LazyReader
+from csi_oci.lazy.toc import HIDDEN_ROOT_NAMES, Entry
+
+log = logging.getLogger(__name__)
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+TIMEOUT = 3600.0  # immutable content: the kernel may cache names and attributes long
+_TYPE_BITS = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+@dataclass
+class Node:
+    inode: int
+    entry: Entry | None  # None: a directory the TOCs only imply
+    reader: LazyReader | None
+    children: dict[str, Node] = field(default_factory=dict)
+    nlink: int = 1
+
+
+class LazyTree:
+    """The merged tree of several lazy layers (lowest first)."""
+
+    def __init__(self, layers: list[LazyReader]) -> None:
+        self._next_inode = pyfuse3.ROOT_INODE
+        self.root = self._new(None, None)
+        self.nodes: dict[int, Node] = {self.root.inode: self.root}
+        for reader in layers:
+            self._apply(reader)
+        self._count_links(self.root)
+
+    def _new(self, entry: Entry | None, reader: LazyReader | None) -> Node:
+        node = Node(self._next_inode, entry, reader)
+        self._next_inode += 1
+        if hasattr(self, "nodes"):
+            self.nodes[node.inode] = node
+        return node
+
+    def _dir(self, parts: list[str]) -> Node:
+        node = self.root
+        for part in parts:
+            child = node.children.get(part)
+            if child is None or not self._is_dir(child):
+                child = self._new(None, None)
+                node.children[part] = child
+            node = child
+        return node
+
+    @staticmethod
+    def _is_dir(node: Node) -> bool:
+        return node.entry is None or node.entry.type == "dir"
+
+    def _apply(self, reader: LazyReader) -> None:
+        entries = [e for e in reader.toc.entries.values() if e.name not in HIDDEN_ROOT_NAMES]
+        # Whiteouts hide what lower layers hold: apply them before this layer's entries.
+        for entry in entries:
+            parts = entry.name.split("/")
+            base = parts[-1]
+            if base == OPAQUE:
+                self._dir(parts[:-1]).children.clear()
+            elif base.startswith(WHITEOUT):
+                self._dir(parts[:-1]).children.pop(base[len(WHITEOUT) :], None)
+        by_name: dict[str, Node] = {}
+        for entry in entries:
+            parts = entry.name.split("/")
+            if parts[-1].startswith(WHITEOUT):
+                continue
+            parent = self._dir(parts[:-1])
+            existing = parent.children.get(parts[-1])
+            if entry.type == "hardlink":
+                target = by_name.get(entry.link_name)
+                if target is None:
+                    continue  # a link to something this layer does not hold: skip it
+                parent.children[parts[-1]] = target
+                continue
+            if entry.type == "dir" and existing is not None and self._is_dir(existing):
+                existing.entry, existing.reader = entry, reader  # dir over dir: merge
+                by_name[entry.name] = existing
+                continue
+            node = self._new(entry, reader)
+            parent.children[parts[-1]] = node
+            by_name[entry.name] = node
+
+    def _count_links(self, node: Node) -> None:
+        seen: dict[int, int] = {}
+
+        def walk(n: Node) -> None:
+            for child in n.children.values():
+                seen[child.inode] = seen.get(child.inode, 0) + 1
+                if self._is_dir(child):
+                    walk(child)
+
+        walk(node)
+        for inode, count in seen.items():
+            self.nodes[inode].nlink = count
+
+
+class LazyFS(pyfuse3.Operations):
+    def __init__(self, tree: LazyTree) -> None:
+        super().__init__()
+        self.tree = tree
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        entry = node.entry
+        kind = "dir" if entry is None else entry.type
+        perms = 0o755 if entry is None else (entry.mode & 0o7777 or 0o644)
+        attrs.st_ino = node.inode
+        attrs.st_mode = _TYPE_BITS.get(kind, stat.S_IFREG) | (perms & ~0o6000)
+        attrs.st_nlink = node.nlink + (1 if kind == "dir" else 0)
+        attrs.st_uid = entry.uid if entry else 0
+        attrs.st_gid = entry.gid if entry else 0
+        if entry is not None and kind == "symlink":
+            size = len(os.fsencode(entry.link_name))
+        else:
+            size = entry.size if entry is not None and kind == "reg" else 0
+        attrs.st_size = size
+        attrs.st_blocks = (size + 511) // 512
+        attrs.st_blksize = 1 << 20
+        if entry is not None and kind in ("char", "block"):
+            attrs.st_rdev = os.makedev(entry.dev_major, entry.dev_minor)
+        mtime_ns = int((entry.mtime if entry else 0) * 1e9)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
+        attrs.entry_timeout = TIMEOUT
+        attrs.attr_timeout = TIMEOUT
+        return attrs
+
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext = None
+    ) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        key = os.fsdecode(name)
+        if key == ".":
+            return self._attrs(parent)
+        child = parent.children.get(key)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(child)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not LazyTree._is_dir(self._node(inode)):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self._node(fh)
+        names = sorted(node.children)
+        for index in range(start_id, len(names)):
+            child = node.children[names[index]]
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(names[index]), self._attrs(child), index + 1
+            ):
+                return
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.entry is None or node.entry.type != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.entry.link_name)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.entry is None or node.entry.type != "reg":
+            raise pyfuse3.FUSEError(errno.EISDIR if LazyTree._is_dir(node) else errno.EACCES)
+        # keep_cache: the bytes never change, so the page cache survives re-opens.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        node = self._node(fh)
+        assert node.entry is not None and node.reader is not None
+        entry, reader = node.entry, node.reader
+        try:
+            return await trio.to_thread.run_sync(reader.read, entry.name, offset, size)
+        except CsiOciError as exc:
+            log.error("read of %s at %d+%d failed: %s", entry.name, offset, size, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            log.error("read of %s at %d+%d failed: %s", entry.name, offset, size, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+
+def serve(tree: LazyTree, mountpoint: str, fsname: str = "csi-oci-lazy") -> None:
+    """Mount and serve until unmounted (blocks; run it in its own process)."""
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {f"fsname={fsname}", "ro", "default_permissions", "allow_other"}
+    pyfuse3.init(LazyFS(tree), mountpoint, options)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
+def _file_fetch(path: str) -> tuple[int, object]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def fetch(offset: int, length: int) -> bytes:
+        return os.pread(fd, length, offset)
+
+    return os.fstat(fd).st_size, fetch
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m csi_oci.lazyfs MOUNTPOINT LAYERS.json`: serve local layer blobs.
+
+    LAYERS.json: [{"path": ..., "media_type": ..., "annotations": {...}}, ...],
+    lowest layer first. Used by tests and for debugging; the driver serves
+    registry-backed layers the same way.
+    """
+    import argparse
+    import json
+
+    from csi_oci.lazy import open_toc
+
+    parser = argparse.ArgumentParser(prog="csi-oci-lazyfs")
+    parser.add_argument("mountpoint")
+    parser.add_argument("layers")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    readers = []
+    for spec in json.loads(open(args.layers).read()):
+        size, fetch = _file_fetch(spec["path"])
+        toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)  # type: ignore[arg-type]
+        readers.append(LazyReader(toc, fetch))  # type: ignore[arg-type]
+    serve(LazyTree(readers), args.mountpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
