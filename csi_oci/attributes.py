@@ -192,16 +192,13 @@ def parse_volume_attributes(attrs: Mapping[str, str]) -> VolumeSpec:
         mode = Mode(mode_text)
     except ValueError:
         raise InvalidArgument(f"invalid mode {mode_text!r}: want auto, unpack or lazy") from None
-    if mode is Mode.LAZY:
-        raise Unsupported(
-            "mode 'lazy' (FUSE-served eStargz / zstd:chunked) is not supported yet by this "
-            "csi-oci version; use mode 'auto' or 'unpack'"
-        )
 
     sub_path = normalize_sub_path(attrs.get(KEY_SUB_PATH, ""))
     platform_text = attrs.get(KEY_PLATFORM, "").strip()
     plat = parse_platform(platform_text) if platform_text else node_platform()
     include = parse_include(attrs.get(KEY_INCLUDE, ""))
+    if mode is Mode.LAZY and include:
+        raise Unsupported("include is not supported with mode 'lazy' yet; use mode 'unpack'")
     return VolumeSpec(
         reference=ref,
         pull_policy=policy,

@@ -274,18 +274,58 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="csi-oci-lazyfs")
     parser.add_argument("mountpoint")
-    parser.add_argument("layers")
+    parser.add_argument("layers", nargs="?", help="local layer blobs (JSON list)")
+    parser.add_argument("--registry-spec", help="serve an image's layers from its registry")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    readers = []
-    for spec in json.loads(open(args.layers).read()):
-        size, fetch = _file_fetch(spec["path"])
-        toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)  # type: ignore[arg-type]
-        readers.append(LazyReader(toc, fetch))  # type: ignore[arg-type]
+    if args.registry_spec:
+        readers = registry_readers(args.registry_spec)
+    else:
+        readers = []
+        for spec in json.loads(open(args.layers).read()):
+            size, fetch = _file_fetch(spec["path"])
+            toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)  # type: ignore[arg-type]
+            readers.append(LazyReader(toc, fetch))  # type: ignore[arg-type]
     serve(LazyTree(readers), args.mountpoint)
     return 0
+
+
+def registry_readers(spec_path: str) -> list[LazyReader]:
+    """Readers fetching byte ranges of an image's layers from its registry.
+
+    The spec file (written 0600 by the driver) may hold the volume's registry
+    credentials; it is read once and removed, so they live only in memory.
+    """
+    import json
+    from pathlib import Path
+
+    from csi_oci.credentials import Credentials
+    from csi_oci.lazy import open_toc
+    from csi_oci.manifest import Descriptor
+    from csi_oci.reference import parse_reference
+    from csi_oci.registry import RegistryClient
+    from csi_oci.registry_config import ConfigSource
+
+    spec = json.loads(Path(spec_path).read_text())
+    Path(spec_path).unlink(missing_ok=True)
+    creds = spec.get("credentials")
+    credentials = Credentials(creds["username"], creds["password"]) if creds else None
+    config_path = spec.get("registry_config")
+    config = ConfigSource(Path(config_path) if config_path else None).current()
+    client = RegistryClient(parse_reference(spec["reference"]), credentials, config=config)
+    readers = []
+    for layer in spec["layers"]:
+        desc = Descriptor(layer["media_type"], layer["digest"], layer["size"], layer["annotations"])
+
+        def fetch(offset: int, length: int, desc: Descriptor = desc) -> bytes:
+            return client.fetch_range(desc, offset, length)
+
+        toc = open_toc(desc.media_type, desc.annotations, desc.size, fetch)
+        readers.append(LazyReader(toc, fetch))
+        log.info("layer %s: %s, %d entries", desc.digest, toc.format, len(toc.entries))
+    return readers
 
 
 if __name__ == "__main__":

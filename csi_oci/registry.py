@@ -509,6 +509,28 @@ class RegistryClient:
             return _FallbackParallel(ranged, sequential, desc.size, RANGE_CHUNK, parallelism)
         return sequential(start)
 
+    def fetch_range(self, desc: Descriptor, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of a blob (lazy reads; verified by the caller)."""
+        if offset < 0 or length < 0 or offset + length > desc.size:
+            raise RegistryError(f"range {offset}+{length} is outside blob {desc.digest}")
+        openers = [(c.name, self._opener(c, desc, f"blob {desc.digest}")) for c in self.connections]
+        stream = ResumableStream(
+            openers,
+            offset + length,
+            f"blob {desc.digest}",
+            self.policy,
+            start=offset,
+            on_wire=self._count_wire,
+        )
+        try:
+            buf = bytearray(length)
+            got = stream.readinto(buf) if length else 0
+        finally:
+            stream.close()
+        if got != length:
+            raise RegistryError(f"blob {desc.digest}: got {got} of {length} bytes at {offset}")
+        return bytes(buf)
+
     def get_blob_bytes(self, desc: Descriptor, what: str, max_bytes: int) -> bytes:
         """A small blob (config) fully in memory, verified."""
         if desc.size > max_bytes:

@@ -27,6 +27,7 @@ from csi_oci.credentials import NodeCredentials
 from csi_oci.csi.v1 import csi_pb2_grpc
 from csi_oci.errors import CsiOciError, FailedPrecondition, InvalidArgument, status_code_for
 from csi_oci.identity import IdentityService
+from csi_oci.lazymount import LazyMounts
 from csi_oci.node import NodeService
 from csi_oci.puller import Puller
 from csi_oci.redact import one_line
@@ -83,7 +84,8 @@ def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts
         min_free_bytes=settings.cache_min_free_bytes,
     )
     puller = Puller(store, limits=Limits(max_bytes=settings.max_image_bytes), registries=registries)
-    volumes = VolumeManager(store, puller, publish_wait=settings.publish_wait)
+    lazy = LazyMounts(store, settings.registry_config)
+    volumes = VolumeManager(store, puller, publish_wait=settings.publish_wait, lazy=lazy)
     node_credentials = NodeCredentials(list(settings.docker_config) or None)
     parts = NodeParts(store, puller, volumes, node_credentials, registries)
     if lock == "none":

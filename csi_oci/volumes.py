@@ -23,7 +23,7 @@ from pathlib import Path
 
 from csi_oci import mounts
 from csi_oci.applier import open_in_root
-from csi_oci.attributes import VolumeSpec
+from csi_oci.attributes import Mode, PullPolicy, VolumeSpec
 from csi_oci.errors import (
     AlreadyExists,
     CsiOciError,
@@ -32,6 +32,7 @@ from csi_oci.errors import (
     NotFound,
     PullInProgress,
 )
+from csi_oci.lazymount import LazyMounts
 from csi_oci.puller import Puller
 from csi_oci.registry import CredentialLookup
 from csi_oci.store import Store, read_json, write_json_atomic
@@ -54,9 +55,17 @@ class VolumeRecord:
 
 
 class VolumeManager:
-    def __init__(self, store: Store, puller: Puller, *, publish_wait: float = 90.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        puller: Puller,
+        *,
+        publish_wait: float = 90.0,
+        lazy: LazyMounts | None = None,
+    ) -> None:
         self.store = store
         self.puller = puller
+        self.lazy = lazy
         self.publish_wait = publish_wait
         self.records = store.root / "volumes"
         self._locks: dict[str, threading.Lock] = {}
@@ -148,6 +157,8 @@ class VolumeManager:
                     f"state directory {self.store.root} is not writable; check the driver's "
                     "hostPath volume and disk"
                 )
+            if spec.mode is Mode.LAZY:
+                return self._publish_lazy(volume_id, target, spec, credentials)
             resolved = self.puller.resolve(
                 spec.reference, spec.platform, spec.pull_policy, credentials, spec.include
             )
@@ -158,6 +169,22 @@ class VolumeManager:
                 )
                 self.store.touch(resolved.key)
                 return self._mount(volume_id, target, spec, resolved.digest, tree, resolved.key)
+
+    def _publish_lazy(
+        self, volume_id: str, target: str, spec: VolumeSpec, credentials: CredentialLookup | None
+    ) -> VolumeRecord:
+        """mode lazy: bind the image's FUSE mount (one server per image) at the target."""
+        if self.lazy is None:
+            raise FailedPrecondition("mode lazy is not available on this node")
+        # The manifest is needed to know the layers: resolve with the network
+        # unless the policy forbids it.
+        policy = PullPolicy.ALWAYS if spec.pull_policy is not PullPolicy.NEVER else spec.pull_policy
+        resolved = self.puller.resolve(spec.reference, spec.platform, policy, credentials)
+        upstream = (
+            credentials(spec.reference.registry, spec.reference.repository) if credentials else None
+        )
+        mnt = self.lazy.ensure(resolved, upstream)
+        return self._mount(volume_id, target, spec, resolved.digest, mnt, f"lazy:{resolved.digest}")
 
     def _republish_check(
         self, volume_id: str, target: str, spec: VolumeSpec
@@ -224,6 +251,9 @@ class VolumeManager:
             _remove_target(target)
             self._forget(target)
             log.info("unpublished %s from %s", volume_id, target)
+            if rec is not None and rec.tree.startswith("lazy:") and self.lazy is not None:
+                if rec.tree not in self.refcounts():
+                    self.lazy.release(rec.tree.removeprefix("lazy:"))
 
 
 def _make_target_dir(target: str) -> bool:

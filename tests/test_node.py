@@ -273,8 +273,9 @@ def test_request_validation(driver, images, tmp_path):
     for bad in ("UPPER/case:v1", "reg.example.com/repo:bad tag", "repo@sha256:123", ""):
         err = rpc_error(driver.publish, Path(target), {"image": bad})
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
-    err = rpc_error(driver.publish, Path(target), {"image": images["small"], "mode": "lazy"})
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not supported yet" in err.details()
+    err = rpc_error(driver.publish, Path(target), {"image": images["small"], "mode": "fast"})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "auto, unpack or lazy" in err.details()
     for req in (
         csi_pb2.NodeUnpublishVolumeRequest(target_path=target),
         csi_pb2.NodeUnpublishVolumeRequest(volume_id="v"),

@@ -1,0 +1,94 @@
+"""mode: lazy through NodePublishVolume: an eStargz image (written by
+stargz-snapshotter's estargz module) served from the registry by a FUSE
+process per image, fetching byte ranges on demand; the volume survives a
+restart of the gRPC server; the last unpublish stops the FUSE server."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+from support.driver import Driver, mount_options
+from support.images import File, Image, Layer, push_image
+from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="FUSE mounts need root and /dev/fuse",
+)
+
+FILES = {
+    "models/config.json": b'{"hidden_size": 64}',
+    "models/model.safetensors": os.urandom(12_000_000),
+    "README.md": b"# lazily served\n",
+}
+
+
+def ranged_bytes(registry, repo):
+    """Blob bytes csi-oci fetched, from the registry's access log (status 200/206 lines)."""
+    total = 0
+    for line in registry.log_text().splitlines():
+        if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line:
+            parts = line.split('"')[2].split()
+            if parts and parts[0] in ("200", "206"):
+                total += int(parts[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def lazy_image(registry, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lazy-image")
+    blob = estargz_blob(
+        make_layer_tar(FILES, dirs=("models",)),
+        tmp / "blob",
+        chunk_size=1 << 20,
+        prioritized=("models/config.json",),
+    )
+    pushed = push_lazy_image(registry, [blob], "lazy/model:v1", tmp)
+    return pushed.reference, len(blob.blob)
+
+
+def target_in(tmp_path, name="v"):
+    parent = tmp_path / "pods" / name
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent / "mount"
+
+
+def test_lazy_publish_reads_on_demand_and_survives_a_restart(registry, lazy_image, tmp_path):
+    ref, blob_size = lazy_image
+    d = Driver(tmp_path / "drv")
+    target = target_in(tmp_path)
+    try:
+        before = ranged_bytes(registry, "lazy/model")
+        d.publish(target, {"image": ref, "mode": "lazy", "subPath": "models"})
+        assert {"ro", "nosuid", "nodev"} <= (mount_options(target) or set())
+        assert (target / "config.json").read_bytes() == FILES["models/config.json"]
+        fetched = ranged_bytes(registry, "lazy/model") - before
+        assert fetched < blob_size // 4, (fetched, blob_size)  # TOC + one small member
+        d.restart()  # the FUSE server is its own process: the volume keeps serving
+        assert (target / "model.safetensors").read_bytes() == FILES["models/model.safetensors"]
+        d.publish(target, {"image": ref, "mode": "lazy", "subPath": "models"})  # idempotent
+        d.unpublish(target)
+        assert not target.exists()
+        lazy_mounts = [line for line in open("/proc/self/mountinfo") if "/lazy/" in line]
+        assert lazy_mounts == [], "the last unpublish stops the image's FUSE server"
+    finally:
+        d.stop()
+
+
+def test_lazy_mode_refuses_layers_without_a_toc(registry, tmp_path):
+    push_image(registry, Image([Layer([File("f", b"x")])]), "lazy/plain:v1", tmp_path)
+    d = Driver(tmp_path / "drv")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            d.publish(
+                target_in(tmp_path), {"image": f"{registry.host}/lazy/plain:v1", "mode": "lazy"}
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            "TOC digest annotation" in info.value.details()
+            and "mode auto or unpack" in info.value.details()
+        )
+    finally:
+        d.stop()
