@@ -39,6 +39,9 @@ class LazyMounts:
         self.store = store
         self.registry_config = registry_config
         self.root = store.root / "lazy"
+        # Credentials of running images, kept in memory only (never on disk
+        # past the server's start) so a server that died can be restarted.
+        self._credentials: dict[str, Credentials | None] = {}
 
     def mountpoint(self, digest: str) -> Path:
         return self.root / digest.partition(":")[2] / "mnt"
@@ -71,11 +74,23 @@ class LazyMounts:
         if not fuse_available():
             raise FailedPrecondition("mode lazy needs /dev/fuse on the node")
         mnt.mkdir(parents=True, exist_ok=True)
-        spec_path = mnt.parent / "spec.json"
-        spec = {
+        image = {
             "reference": str(resolved.reference),
             "layers": layers,
             "registry_config": str(self.registry_config) if self.registry_config else None,
+        }
+        (mnt.parent / "image.json").write_text(json.dumps(image))  # to restart it later
+        self._credentials[resolved.digest] = credentials
+        return self._start(resolved.digest, image, credentials)
+
+    def _start(
+        self, digest: str, image: dict[str, object], credentials: Credentials | None
+    ) -> Path:
+        mnt = self.mountpoint(digest)
+        reference = image["reference"]
+        spec_path = mnt.parent / "spec.json"
+        spec = {
+            **image,
             "credentials": (
                 {"username": credentials.username, "password": credentials.password}
                 if credentials
@@ -104,7 +119,7 @@ class LazyMounts:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if mounts.is_mounted(mnt):
-                log.info("serving %s lazily at %s (pid %d)", resolved.reference, mnt, proc.pid)
+                log.info("serving %s lazily at %s (pid %d)", reference, mnt, proc.pid)
                 return mnt
             if proc.poll() is not None:
                 break
@@ -113,13 +128,34 @@ class LazyMounts:
         tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
         if proc.poll() is None:
             proc.kill()
-        raise MountError(
-            f"the lazy filesystem for {resolved.reference} did not start: {tail.strip()}"
-        )
+        raise MountError(f"the lazy filesystem for {reference} did not start: {tail.strip()}")
+
+    def alive(self, digest: str) -> bool:
+        """Mounted and answering (a dead server's mount gives ENOTCONN at once)."""
+        mnt = self.mountpoint(digest)
+        if not mounts.is_mounted(mnt):
+            return False
+        try:
+            # statfs always reaches the server; stat may be answered from the
+            # kernel's attribute cache (timeouts are long: content is immutable).
+            os.statvfs(mnt)
+            return True
+        except OSError:
+            return False
+
+    def revive(self, digest: str) -> Path:
+        """Restart the server of an image whose server died; the new mount point."""
+        mnt = self.mountpoint(digest)
+        if mounts.is_mounted(mnt):
+            mounts.unmount(mnt)  # the stale mount (ENOTCONN) is detached
+        image = json.loads((mnt.parent / "image.json").read_text())
+        log.warning("the lazy filesystem of %s died; starting it again", image.get("reference"))
+        return self._start(digest, image, self._credentials.get(digest))
 
     def release(self, digest: str) -> None:
         """Unmount the image's FUSE mount (its server then exits)."""
         mnt = self.mountpoint(digest)
+        self._credentials.pop(digest, None)
         if mounts.is_mounted(mnt):
             mounts.unmount(mnt)
             log.info("stopped serving %s lazily", digest)

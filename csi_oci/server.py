@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -223,6 +224,23 @@ def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
     return server, parts
 
 
+LAZY_WATCHDOG_SECONDS = 2.0
+
+
+def _start_lazy_watchdog(parts: NodeParts) -> None:
+    """Every few seconds: restart dead lazy filesystems and rebind their volumes."""
+
+    def run() -> None:
+        while True:
+            time.sleep(LAZY_WATCHDOG_SECONDS)
+            try:
+                parts.volumes.check_lazy()
+            except Exception:  # the watchdog must survive anything
+                logging.getLogger("csi_oci").exception("lazy watchdog")
+
+    threading.Thread(target=run, name="lazy-watchdog", daemon=True).start()
+
+
 def serve(opts: ServeOptions) -> int:
     # Block SIGTERM/SIGINT before any thread exists, so every thread inherits
     # the mask and the main thread alone takes them, synchronously, with
@@ -238,6 +256,8 @@ def serve(opts: ServeOptions) -> int:
     server.add_insecure_port(f"unix://{path}")
     server.start()
     main_log = logging.getLogger("csi_oci")
+    if parts is not None:
+        _start_lazy_watchdog(parts)
     main_log.info(
         "csi-oci %s serving %s on %s (node %s, state %s)",
         opts.driver_name,

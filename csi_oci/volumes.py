@@ -23,7 +23,7 @@ from pathlib import Path
 
 from csi_oci import mounts
 from csi_oci.applier import open_in_root
-from csi_oci.attributes import Mode, PullPolicy, VolumeSpec
+from csi_oci.attributes import Mode, PullPolicy, VolumeSpec, parse_volume_attributes
 from csi_oci.errors import (
     AlreadyExists,
     CsiOciError,
@@ -185,6 +185,44 @@ class VolumeManager:
         )
         mnt = self.lazy.ensure(resolved, upstream)
         return self._mount(volume_id, target, spec, resolved.digest, mnt, f"lazy:{resolved.digest}")
+
+    def check_lazy(self) -> int:
+        """Restart dead lazy servers and bind their volumes again; returns how many.
+
+        A FUSE mount dies with its server; every access then fails at once
+        with ENOTCONN (no hang). Run periodically by the server's watchdog.
+        """
+        if self.lazy is None:
+            return 0
+        by_digest: dict[str, list[VolumeRecord]] = {}
+        for rec in self.all_records():
+            if rec.tree.startswith("lazy:") and rec.state == STATE_PUBLISHED:
+                by_digest.setdefault(rec.tree.removeprefix("lazy:"), []).append(rec)
+        revived = 0
+        for digest, records in by_digest.items():
+            if self.lazy.alive(digest):
+                continue
+            try:
+                mnt = self.lazy.revive(digest)
+            except CsiOciError as exc:
+                log.error("could not restart the lazy filesystem of %s: %s", digest, exc)
+                continue
+            for rec in records:
+                with self._target_lock(rec.target_path):
+                    mounts.unmount(rec.target_path)  # the stale bind
+                    spec = parse_volume_attributes(rec.spec)
+                    root_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        src_fd = _open_sub_path(root_fd, spec, digest)
+                        try:
+                            mounts.bind_mount_readonly(src_fd, rec.target_path)
+                        finally:
+                            os.close(src_fd)
+                    finally:
+                        os.close(root_fd)
+                    log.info("bound %s again at %s", rec.volume_id, rec.target_path)
+            revived += 1
+        return revived
 
     def _republish_check(
         self, volume_id: str, target: str, spec: VolumeSpec

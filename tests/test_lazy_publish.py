@@ -71,7 +71,7 @@ def test_lazy_publish_reads_on_demand_and_survives_a_restart(registry, lazy_imag
         d.publish(target, {"image": ref, "mode": "lazy", "subPath": "models"})  # idempotent
         d.unpublish(target)
         assert not target.exists()
-        lazy_mounts = [line for line in open("/proc/self/mountinfo") if "/lazy/" in line]
+        lazy_mounts = [line for line in open("/proc/self/mountinfo") if str(d.state_dir) in line]
         assert lazy_mounts == [], "the last unpublish stops the image's FUSE server"
     finally:
         d.stop()
@@ -90,5 +90,47 @@ def test_lazy_mode_refuses_layers_without_a_toc(registry, tmp_path):
             "TOC digest annotation" in info.value.details()
             and "mode auto or unpack" in info.value.details()
         )
+    finally:
+        d.stop()
+
+
+def test_a_dead_fuse_server_fails_fast_and_is_restarted(registry, lazy_image, tmp_path):
+    import errno
+    import signal
+    import time
+
+    ref, _ = lazy_image
+    d = Driver(tmp_path / "drv")
+    target = target_in(tmp_path, "revive")
+    try:
+        d.publish(target, {"image": ref, "mode": "lazy"})
+        assert (target / "README.md").read_bytes() == FILES["README.md"]
+        server = next(
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit()
+            and b"csi_oci.lazyfs" in open(f"/proc/{pid}/cmdline", "rb").read()
+            and str(d.state_dir).encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+        )
+        os.kill(server, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(OSError) as info:  # no hang: the kernel aborts the connection
+            for _ in range(100):
+                (target / "models" / "config.json").read_bytes()
+                time.sleep(0.02)
+        assert info.value.errno in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED)
+        assert time.monotonic() - started < 5
+        deadline = time.monotonic() + 20
+        while True:  # the driver's watchdog starts it again and binds the volume anew
+            try:
+                if (target / "models" / "config.json").read_bytes() == FILES["models/config.json"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, d.log_text()[-2000:]
+            time.sleep(0.2)
+        assert "bound vol-1 again" in d.log_text()
+        d.unpublish(target)
+        assert [line for line in open("/proc/self/mountinfo") if str(d.state_dir) in line] == []
     finally:
         d.stop()
