@@ -23,7 +23,17 @@ KEY_MODE = "mode"
 KEY_SUB_PATH = "subPath"
 KEY_PLATFORM = "platform"
 KEY_INCLUDE = "include"
-KNOWN_KEYS = (KEY_IMAGE, KEY_PULL_POLICY, KEY_MODE, KEY_SUB_PATH, KEY_PLATFORM, KEY_INCLUDE)
+KEY_PREFETCH = "prefetch"
+KNOWN_KEYS = (
+    KEY_IMAGE,
+    KEY_PULL_POLICY,
+    KEY_MODE,
+    KEY_SUB_PATH,
+    KEY_PLATFORM,
+    KEY_INCLUDE,
+    KEY_PREFETCH,
+)
+PREFETCH_MODES = ("none", "landmark", "all")
 MAX_INCLUDE_PATTERNS = 256
 
 
@@ -141,6 +151,7 @@ class VolumeSpec:
     sub_path: str
     platform: Platform
     include: tuple[str, ...] = ()
+    prefetch: str = "all"  # lazy mode: none | landmark | all
 
     def canonical(self) -> dict[str, str]:
         """A plain dict, stable across restarts, recorded with the volume."""
@@ -153,6 +164,8 @@ class VolumeSpec:
         }
         if self.include:
             out[KEY_INCLUDE] = ",".join(self.include)
+        if self.mode is Mode.LAZY:
+            out[KEY_PREFETCH] = self.prefetch
         return out
 
 
@@ -199,6 +212,9 @@ def parse_volume_attributes(attrs: Mapping[str, str]) -> VolumeSpec:
     include = parse_include(attrs.get(KEY_INCLUDE, ""))
     if mode is Mode.LAZY and include:
         raise Unsupported("include is not supported with mode 'lazy' yet; use mode 'unpack'")
+    prefetch = attrs.get(KEY_PREFETCH, "").strip() or "all"
+    if prefetch not in PREFETCH_MODES:
+        raise InvalidArgument(f"invalid prefetch {prefetch!r}: want none, landmark or all")
     return VolumeSpec(
         reference=ref,
         pull_policy=policy,
@@ -206,4 +222,5 @@ def parse_volume_attributes(attrs: Mapping[str, str]) -> VolumeSpec:
         sub_path=sub_path,
         platform=plat,
         include=include,
+        prefetch=prefetch,
     )

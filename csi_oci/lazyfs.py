@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.registry_spec:
-        readers = registry_readers(args.registry_spec)
+        readers, prefetch_mode = registry_readers(args.registry_spec)
+        _start_prefetch(readers, prefetch_mode)
     else:
         readers = []
         for spec in json.loads(open(args.layers).read()):
@@ -292,7 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def registry_readers(spec_path: str) -> list[LazyReader]:
+def _start_prefetch(readers: list[LazyReader], mode: str) -> None:
+    import threading
+
+    from csi_oci.lazy.prefetch import prefetch
+
+    for reader in readers:
+        threading.Thread(target=prefetch, args=(reader, mode), name="prefetch", daemon=True).start()
+
+
+def registry_readers(spec_path: str) -> tuple[list[LazyReader], str]:
     """Readers fetching byte ranges of an image's layers from its registry.
 
     The spec file (written 0600 by the driver) may hold the volume's registry
@@ -323,9 +333,10 @@ def registry_readers(spec_path: str) -> list[LazyReader]:
             return client.fetch_range(desc, offset, length)
 
         toc = open_toc(desc.media_type, desc.annotations, desc.size, fetch)
-        readers.append(LazyReader(toc, fetch))
+        cache_dir = Path(spec["cache_dir"]) if spec.get("cache_dir") else None
+        readers.append(LazyReader(toc, fetch, cache_dir=cache_dir))
         log.info("layer %s: %s, %d entries", desc.digest, toc.format, len(toc.entries))
-    return readers
+    return readers, str(spec.get("prefetch", "all"))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,14 @@ class LazyMounts:
     def mountpoint(self, digest: str) -> Path:
         return self.root / digest.partition(":")[2] / "mnt"
 
-    def ensure(self, resolved: ResolvedImage, credentials: Credentials | None) -> Path:
+    @property
+    def chunk_cache(self) -> Path:
+        """Verified pieces, by digest, shared by every lazily served layer."""
+        return self.root / "chunks"
+
+    def ensure(
+        self, resolved: ResolvedImage, credentials: Credentials | None, prefetch: str = "all"
+    ) -> Path:
         """The image's FUSE mount point, starting its server if needed."""
         mnt = self.mountpoint(resolved.digest)
         if mounts.is_mounted(mnt):
@@ -78,6 +85,8 @@ class LazyMounts:
             "reference": str(resolved.reference),
             "layers": layers,
             "registry_config": str(self.registry_config) if self.registry_config else None,
+            "cache_dir": str(self.chunk_cache),
+            "prefetch": prefetch,
         }
         (mnt.parent / "image.json").write_text(json.dumps(image))  # to restart it later
         self._credentials[resolved.digest] = credentials

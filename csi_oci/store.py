@@ -215,6 +215,7 @@ class Store:
         self.blobs = self.root / "blobs" / "sha256"
         self.staging = self.root / "staging"
         self.durable = Durability(self.root / "pending-sync")
+        self.chunks = self.root / "lazy" / "chunks"  # verified lazy pieces (lazymount)
         self.max_bytes = max_bytes  # --cache-max-bytes; None: no budget
         self.min_free_bytes = min_free_bytes  # --cache-min-free-bytes: a floor for the disk
         self.gc_lock = threading.Lock()
@@ -243,9 +244,10 @@ class Store:
     def usage(self) -> Usage:
         trees = sum(rec.own_bytes for rec in self.list_images())
         blobs = 0
-        for entry in self.blobs.iterdir() if self.blobs.is_dir() else []:
-            with contextlib.suppress(OSError):
-                blobs += entry.lstat().st_size
+        for directory in (self.blobs, self.chunks):
+            for entry in directory.iterdir() if directory.is_dir() else []:
+                with contextlib.suppress(OSError):
+                    blobs += entry.lstat().st_size
         return Usage(trees, blobs)
 
     def free_bytes(self) -> int:
@@ -291,6 +293,10 @@ class Store:
                 st = entry.lstat()
                 if st.st_nlink == 1:  # linked into no tree: a cached download
                     out.append((st.st_mtime, f"blob {entry.name}", entry, st.st_size))
+        for entry in self.chunks.iterdir() if self.chunks.is_dir() else []:
+            with contextlib.suppress(OSError):  # lazy pieces: fetched again when needed
+                st = entry.lstat()
+                out.append((st.st_mtime, f"lazy piece {entry.name}", entry, st.st_size))
         out.sort(key=lambda item: item[0])
         return out
 

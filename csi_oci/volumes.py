@@ -183,7 +183,7 @@ class VolumeManager:
         upstream = (
             credentials(spec.reference.registry, spec.reference.repository) if credentials else None
         )
-        mnt = self.lazy.ensure(resolved, upstream)
+        mnt = self.lazy.ensure(resolved, upstream, spec.prefetch)
         return self._mount(volume_id, target, spec, resolved.digest, mnt, f"lazy:{resolved.digest}")
 
     def check_lazy(self) -> int:

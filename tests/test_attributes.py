@@ -60,8 +60,9 @@ def test_defaults():
         "subPath": "",
         "platform": str(node_platform()),
     }
-    # include appears only when set, so records from before it existed still match
-    assert set(s.canonical()) == set(KNOWN_KEYS) - {"include"}
+    # include appears only when set (prefetch only in lazy mode), so records
+    # from before they existed still match
+    assert set(s.canonical()) == set(KNOWN_KEYS) - {"include", "prefetch"}
 
 
 def test_node_platform_is_linux_in_oci_spelling():

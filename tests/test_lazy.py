@@ -217,3 +217,50 @@ def test_layers_without_a_trust_anchor_are_not_lazy(skopeo_blob):
     with pytest.raises(NotLazy, match="no eStargz or zstd:chunked TOC digest annotation"):
         open_toc(skopeo_blob.media_type, {}, len(skopeo_blob.blob), lambda o, n: b"")
     assert lazy_format("application/vnd.oci.image.layer.v1.tar+gzip", {}) is None
+
+
+def test_disk_cache_is_verified_when_loaded(workdir, tmp_path):
+    blob = estargz_blob(TAR, workdir / "cache", chunk_size=1 << 20)
+    data = blob.blob
+    fetches = []
+
+    def fetch(offset, length):
+        fetches.append((offset, length))
+        return data[offset : offset + length]
+
+    toc = open_toc(blob.media_type, blob.annotations, len(data), fetch)
+    cache = tmp_path / "chunks"
+    name = "models/model-00001-of-00002.safetensors"
+    assert LazyReader(toc, fetch, cache_dir=cache).read_all(name) == FILES[name]
+    assert len(list(cache.iterdir())) >= 5
+    fetches.clear()
+    assert LazyReader(toc, fetch, cache_dir=cache).read_all(name) == FILES[name]
+    assert fetches == [], "a new reader (another volume, a restart) uses the disk cache"
+    victim = sorted(cache.iterdir())[0]
+    victim.write_bytes(b"torn or tampered")
+    assert LazyReader(toc, fetch, cache_dir=cache).read_all(name) == FILES[name]
+    assert len(fetches) == 1, "a damaged cache file is fetched again, never served"
+
+
+def test_prefetch_merges_ranges_and_fills_the_cache(workdir, tmp_path):
+    from csi_oci.lazy.prefetch import prefetch
+
+    blob = estargz_blob(TAR, workdir / "prefetch", chunk_size=1 << 20, prioritized=("README.md",))
+    data = blob.blob
+    fetches = []
+
+    def fetch(offset, length):
+        fetches.append((offset, length))
+        return data[offset : offset + length]
+
+    toc = open_toc(blob.media_type, blob.annotations, len(data), fetch)
+    fetches.clear()
+    reader = LazyReader(toc, fetch, cache_dir=tmp_path / "chunks")
+    prefetch(reader, "landmark")
+    assert len(fetches) == 1 and fetches[0][0] + fetches[0][1] <= toc.prefetch_end + 4096
+    prefetch(reader, "all")
+    assert 1 < len(fetches) <= 3, "the whole layer in a few merged requests (16 MiB each)"
+    fetches.clear()
+    for name, content in FILES.items():
+        assert reader.read(name, 0, len(content)) == content
+    assert fetches == [], "once complete, reads never touch the network"

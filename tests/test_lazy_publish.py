@@ -61,14 +61,15 @@ def test_lazy_publish_reads_on_demand_and_survives_a_restart(registry, lazy_imag
     target = target_in(tmp_path)
     try:
         before = ranged_bytes(registry, "lazy/model")
-        d.publish(target, {"image": ref, "mode": "lazy", "subPath": "models"})
+        attrs = {"image": ref, "mode": "lazy", "subPath": "models", "prefetch": "none"}
+        d.publish(target, attrs)
         assert {"ro", "nosuid", "nodev"} <= (mount_options(target) or set())
         assert (target / "config.json").read_bytes() == FILES["models/config.json"]
         fetched = ranged_bytes(registry, "lazy/model") - before
         assert fetched < blob_size // 4, (fetched, blob_size)  # TOC + one small member
         d.restart()  # the FUSE server is its own process: the volume keeps serving
         assert (target / "model.safetensors").read_bytes() == FILES["models/model.safetensors"]
-        d.publish(target, {"image": ref, "mode": "lazy", "subPath": "models"})  # idempotent
+        d.publish(target, attrs)  # idempotent
         d.unpublish(target)
         assert not target.exists()
         lazy_mounts = [line for line in open("/proc/self/mountinfo") if str(d.state_dir) in line]
@@ -103,7 +104,7 @@ def test_a_dead_fuse_server_fails_fast_and_is_restarted(registry, lazy_image, tm
     d = Driver(tmp_path / "drv")
     target = target_in(tmp_path, "revive")
     try:
-        d.publish(target, {"image": ref, "mode": "lazy"})
+        d.publish(target, {"image": ref, "mode": "lazy", "prefetch": "none"})
         assert (target / "README.md").read_bytes() == FILES["README.md"]
         server = next(
             int(pid)
@@ -132,5 +133,55 @@ def test_a_dead_fuse_server_fails_fast_and_is_restarted(registry, lazy_image, tm
         assert "bound vol-1 again" in d.log_text()
         d.unpublish(target)
         assert [line for line in open("/proc/self/mountinfo") if str(d.state_dir) in line] == []
+    finally:
+        d.stop()
+
+
+def blob_gets(registry, repo):
+    return sum(
+        1
+        for line in registry.log_text().splitlines()
+        if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line
+    )
+
+
+def test_prefetch_all_then_reads_never_touch_the_network(registry, lazy_image, tmp_path):
+    import time
+
+    ref, _ = lazy_image
+    d = Driver(tmp_path / "drv")
+    target = target_in(tmp_path, "prefetch")
+    try:
+        d.publish(target, {"image": ref, "mode": "lazy"})  # prefetch: all is the default
+        logs = list((d.state_dir / "lazy").glob("*/lazyfs.log"))
+        deadline = time.monotonic() + 30
+        while not any("prefetch (all)" in p.read_text() for p in logs):
+            assert time.monotonic() < deadline, "prefetch did not finish"
+            time.sleep(0.1)
+        chunks = list((d.state_dir / "lazy" / "chunks").iterdir())
+        assert len(chunks) >= 12, "every piece of the layer is cached on disk"
+        before = blob_gets(registry, "lazy/model")
+        for name, data in FILES.items():
+            assert (target / name).read_bytes() == data
+        assert blob_gets(registry, "lazy/model") == before, "served from the cache"
+        status = __import__("json").loads(
+            __import__("subprocess")
+            .run(
+                [
+                    __import__("sys").executable,
+                    "-m",
+                    "csi_oci.cli",
+                    "status",
+                    "--state-dir",
+                    str(d.state_dir),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout
+        )
+        assert status["volumes"][0]["image"].endswith("lazy/model:v1")
+        d.unpublish(target)
     finally:
         d.stop()

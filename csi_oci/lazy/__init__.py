@@ -16,10 +16,14 @@ returned.
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
-from csi_oci.errors import InvalidLayer, NotFound
+from csi_oci.errors import CsiOciError, InvalidLayer, NotFound
 from csi_oci.lazy import estargz, zstdchunked
 from csi_oci.lazy.toc import TOC, Entry, Piece
 
@@ -28,6 +32,8 @@ GZIP_TYPES = (
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 )
 ZSTD_TYPES = ("application/vnd.oci.image.layer.v1.tar+zstd",)
+
+log = logging.getLogger(__name__)
 
 
 class NotLazy(InvalidLayer):
@@ -61,15 +67,29 @@ def open_toc(
 
 
 class LazyReader:
-    """Verified reads of file bytes, with a small in-memory cache of pieces."""
+    """Verified reads of file bytes.
 
-    def __init__(self, toc: TOC, fetch: estargz.Fetch, cache_pieces: int = 64) -> None:
+    Pieces are kept in a small in-memory cache and, with `cache_dir`, on
+    disk, named by their digest: shared by every layer and image that holds
+    the same bytes, and checked again when loaded, so a file torn by a crash
+    is never served (it is fetched again).
+    """
+
+    def __init__(
+        self,
+        toc: TOC,
+        fetch: estargz.Fetch,
+        cache_pieces: int = 64,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.toc = toc
         self._fetch = fetch
         self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._limit = cache_pieces
         self._lock = threading.Lock()
+        self._cache_dir = cache_dir
         self.fetched_bytes = 0
+        self.demand = 0  # on-demand reads in progress (prefetch yields to them)
 
     def entry(self, name: str) -> Entry:
         entry = self.toc.entries.get(name)
@@ -86,23 +106,80 @@ class LazyReader:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        if piece.zeros:
-            compressed = b""
-        else:
-            compressed = self._fetch(piece.offset, piece.end - piece.offset)
+        data = self._from_disk(piece)
+        if data is None:
+            compressed = b"" if piece.zeros else self._fetch(piece.offset, piece.end - piece.offset)
             self.fetched_bytes += len(compressed)
-        if self.toc.compression == "gzip":
-            data = estargz.read_piece_gzip(compressed, piece, entry.name)
-        else:
-            data = zstdchunked.read_piece_zstd(compressed, piece, entry.name)
+            data = self.decode(entry, piece, compressed)
+            self._to_disk(piece, data)
         with self._lock:
             self._cache[key] = data
             while len(self._cache) > self._limit:
                 self._cache.popitem(last=False)
         return data
 
+    def decode(self, entry: Entry, piece: Piece, compressed: bytes) -> bytes:
+        """Decompress and verify one piece (IntegrityError if it does not match)."""
+        if self.toc.compression == "gzip":
+            return estargz.read_piece_gzip(compressed, piece, entry.name)
+        return zstdchunked.read_piece_zstd(compressed, piece, entry.name)
+
+    def cached(self, piece: Piece) -> bool:
+        path = self._disk_path(piece)
+        return path is not None and path.exists()
+
+    def _disk_path(self, piece: Piece) -> Path | None:
+        if self._cache_dir is None or not piece.digest:
+            return None
+        return self._cache_dir / piece.digest.replace(":", "-")
+
+    def _from_disk(self, piece: Piece) -> bytes | None:
+        path = self._disk_path(piece)
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            estargz.verify_piece(data, piece, "cached piece")
+        except CsiOciError:
+            path.unlink(missing_ok=True)  # torn or damaged: fetch it again
+            return None
+        return data
+
+    def _to_disk(self, piece: Piece, data: bytes) -> None:
+        path = self._disk_path(piece)
+        if path is None or path.exists():
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".piece-", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.rename(tmp, path)
+        except OSError as exc:  # a full disk costs speed, not correctness
+            log.warning("not caching a piece of %s: %s", self.toc.format, exc)
+
+    def fetch_range(self, offset: int, length: int) -> bytes:
+        """Raw blob bytes (prefetch merges several pieces into one request)."""
+        return self._fetch(offset, length)
+
+    def store_piece(self, entry: Entry, piece: Piece, data: bytes) -> None:
+        """Keep a piece that prefetch fetched and verified."""
+        self._to_disk(piece, data)
+
     def read(self, name: str, offset: int, length: int) -> bytes:
         entry = self.entry(name)
+        with self._lock:
+            self.demand += 1
+        try:
+            return self._read(entry, offset, length)
+        finally:
+            with self._lock:
+                self.demand -= 1
+
+    def _read(self, entry: Entry, offset: int, length: int) -> bytes:
         out = bytearray()
         for piece in entry.pieces_for(offset, length):
             data = self.piece(entry, piece)
