@@ -164,8 +164,8 @@ class VolumeSpec:
         }
         if self.include:
             out[KEY_INCLUDE] = ",".join(self.include)
-        if self.mode is Mode.LAZY:
-            out[KEY_PREFETCH] = self.prefetch
+        if self.mode is not Mode.UNPACK and self.prefetch != "all":
+            out[KEY_PREFETCH] = self.prefetch  # only when set: old records still match
         return out
 
 

@@ -32,8 +32,9 @@ from csi_oci.errors import (
     NotFound,
     PullInProgress,
 )
-from csi_oci.lazymount import LazyMounts
-from csi_oci.puller import Puller
+from csi_oci.lazy import lazy_format
+from csi_oci.lazymount import LazyMounts, fuse_available
+from csi_oci.puller import Puller, ResolvedImage
 from csi_oci.registry import CredentialLookup
 from csi_oci.store import Store, read_json, write_json_atomic
 
@@ -162,6 +163,8 @@ class VolumeManager:
             resolved = self.puller.resolve(
                 spec.reference, spec.platform, spec.pull_policy, credentials, spec.include
             )
+            if spec.mode is Mode.AUTO and self._lazy_capable(resolved, spec):
+                return self._publish_lazy(volume_id, target, spec, credentials, resolved)
             budget = self.publish_wait if wait is None else wait
             with self.store.pinned(resolved.key):
                 tree = self.puller.ensure(
@@ -170,16 +173,37 @@ class VolumeManager:
                 self.store.touch(resolved.key)
                 return self._mount(volume_id, target, spec, resolved.digest, tree, resolved.key)
 
+    def _lazy_capable(self, resolved: ResolvedImage, spec: VolumeSpec) -> bool:
+        """auto picks lazy when every layer can be served lazily, and FUSE is here.
+
+        An image already unpacked on this node (served from the local record,
+        no manifest at hand) stays unpacked; so does a partial pull (include).
+        """
+        if self.lazy is None or spec.include or resolved.manifest is None:
+            return False
+        if self.store.image(resolved.key) is not None or not fuse_available():
+            return False
+        layers = resolved.manifest.layers
+        return bool(layers) and all(lazy_format(d.media_type, d.annotations) for d in layers)
+
     def _publish_lazy(
-        self, volume_id: str, target: str, spec: VolumeSpec, credentials: CredentialLookup | None
+        self,
+        volume_id: str,
+        target: str,
+        spec: VolumeSpec,
+        credentials: CredentialLookup | None,
+        resolved: ResolvedImage | None = None,
     ) -> VolumeRecord:
         """mode lazy: bind the image's FUSE mount (one server per image) at the target."""
         if self.lazy is None:
             raise FailedPrecondition("mode lazy is not available on this node")
-        # The manifest is needed to know the layers: resolve with the network
-        # unless the policy forbids it.
-        policy = PullPolicy.ALWAYS if spec.pull_policy is not PullPolicy.NEVER else spec.pull_policy
-        resolved = self.puller.resolve(spec.reference, spec.platform, policy, credentials)
+        if resolved is None or resolved.manifest is None:
+            # The manifest is needed to know the layers: resolve with the
+            # network unless the policy forbids it.
+            policy = (
+                PullPolicy.ALWAYS if spec.pull_policy is not PullPolicy.NEVER else spec.pull_policy
+            )
+            resolved = self.puller.resolve(spec.reference, spec.platform, policy, credentials)
         upstream = (
             credentials(spec.reference.registry, spec.reference.repository) if credentials else None
         )

@@ -185,3 +185,27 @@ def test_prefetch_all_then_reads_never_touch_the_network(registry, lazy_image, t
         d.unpublish(target)
     finally:
         d.stop()
+
+
+def test_auto_serves_lazy_images_lazily_and_others_unpacked(registry, lazy_image, tmp_path):
+    ref, _ = lazy_image
+    push_image(registry, Image([Layer([File("f", b"plain")])]), "lazy/plain-auto:v1", tmp_path)
+    d = Driver(tmp_path / "drv")
+    lazy_target, plain_target = target_in(tmp_path, "auto-lazy"), target_in(tmp_path, "auto-plain")
+    try:
+        d.publish(lazy_target, {"image": ref, "prefetch": "none"}, volume_id="a")  # mode auto
+        d.publish(plain_target, {"image": f"{registry.host}/lazy/plain-auto:v1"}, volume_id="b")
+        assert (lazy_target / "README.md").read_bytes() == FILES["README.md"]
+        assert (plain_target / "f").read_bytes() == b"plain"
+        info = open("/proc/self/mountinfo").read().splitlines()
+        fs_of = {line.split(" ")[4]: line.split(" - ")[1].split(" ")[0] for line in info}
+        assert fs_of[str(lazy_target)].startswith("fuse"), "eStargz with a TOC: served lazily"
+        assert not fs_of[str(plain_target)].startswith("fuse"), "plain gzip layers: unpacked"
+        # include is not served lazily: auto falls back to unpacking
+        inc_target = target_in(tmp_path, "auto-include")
+        d.publish(inc_target, {"image": ref, "include": "*.json"}, volume_id="c")
+        assert sorted(os.listdir(inc_target / "models")) == ["config.json"]
+        for vid, t in (("a", lazy_target), ("b", plain_target), ("c", inc_target)):
+            d.unpublish(t, volume_id=vid)
+    finally:
+        d.stop()
