@@ -239,12 +239,38 @@ class LazyFS(pyfuse3.Operations):
         return data
 
 
+READ_AHEAD_KB = 4096
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Make the kernel send 1 MiB reads instead of 128 KiB ones.
+
+    pyfuse3 cannot pass max_read (libfuse rejects the mismatch), but the
+    FUSE connection's backing device takes a larger readahead, and with it
+    the kernel asks for up to max_pages (1 MiB) per request: a quarter of
+    the requests, and a quarter of the Python work per byte.
+    """
+    target = os.path.normpath(os.path.abspath(mountpoint))
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" ")
+                if fields[4] == target:
+                    bdi = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
+                    with open(bdi, "w") as knob:
+                        knob.write(str(READ_AHEAD_KB))
+                    return
+    except OSError as exc:  # not fatal: reads just stay at 128 KiB
+        log.info("could not raise readahead of %s: %s", mountpoint, exc)
+
+
 def serve(tree: LazyTree, mountpoint: str, fsname: str = "csi-oci-lazy") -> None:
     """Mount and serve until unmounted (blocks; run it in its own process)."""
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {f"fsname={fsname}", "ro", "default_permissions", "allow_other"}
     pyfuse3.init(LazyFS(tree), mountpoint, options)
+    _raise_readahead(mountpoint)
     try:
         trio.run(pyfuse3.main)
     finally:
