@@ -80,12 +80,23 @@ def log_lines(registry: Registry, *needles: str) -> list[str]:
     ]
 
 
-def blob_gets(registry: Registry, repo: str, agent: str = UA) -> set[str]:
-    """Digests of blobs GET from `repo` by `agent`, from the registry's access log."""
-    out = set()
-    for line in log_lines(registry, f'"GET /v2/{repo}/blobs/', agent):
-        out.add(line.split(f"/v2/{repo}/blobs/", 1)[1].split()[0])
-    return out
+def blob_gets(
+    registry: Registry, repo: str, agent: str = UA, *, expect: set[str] | None = None
+) -> set[str]:
+    """Digests of blobs GET from `repo` by `agent`, from the registry's access log.
+
+    The registry logs a request after its response is complete, so the last
+    line may land a moment after the client is done: with `expect`, wait
+    (up to 5 s) for the log to show at least those.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        out = set()
+        for line in log_lines(registry, f'"GET /v2/{repo}/blobs/', agent):
+            out.add(line.split(f"/v2/{repo}/blobs/", 1)[1].split()[0])
+        if expect is None or expect <= out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)
 
 
 def write_config(path: Path, text: str) -> None:
@@ -447,10 +458,11 @@ def test_pull_goes_through_the_mirror(node, pair, tmp_path):
     node.driver.publish(target, {"image": f"{pair.upstream.host}/mirrored/model:v1"})
     try:
         assert tree_of(target) == files
-        assert blob_gets(pair.mirror, "mirrored/model") == blob_digests(img)
+        wanted = blob_digests(img)
+        assert blob_gets(pair.mirror, "mirrored/model", expect=wanted) == wanted
         assert blob_gets(pair.upstream, "mirrored/model") == set(), "no blob from the upstream"
         # ... which the mirror fetched from the upstream itself
-        assert blob_gets(pair.upstream, "mirrored/model", MIRROR_UA) == blob_digests(img)
+        assert blob_gets(pair.upstream, "mirrored/model", MIRROR_UA, expect=wanted) == wanted
         # the tag was resolved at the registry, never at the (untrusted) mirror
         assert log_lines(pair.upstream, '"GET /v2/mirrored/model/manifests/v1 ', UA)
         assert not log_lines(pair.mirror, "/v2/mirrored/model/manifests/", UA)
@@ -472,7 +484,8 @@ def test_mirror_down_falls_back_to_the_registry(node, tmp_path):
         node.driver.publish(target, {"image": f"{p.upstream.host}/down/model:v1"})
         try:
             assert tree_of(target) == files
-            assert blob_gets(p.upstream, "down/model") == blob_digests(img)
+            wanted = blob_digests(img)
+            assert blob_gets(p.upstream, "down/model", expect=wanted) == wanted
             log = node.driver.log_text()
             assert f"cannot connect to mirror {p.mirror.url}: connection refused" in log
             assert "trying the next endpoint" in log
