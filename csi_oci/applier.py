@@ -31,7 +31,7 @@ import shutil
 import stat
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from csi_oci.errors import InvalidLayer, OutOfSpace
@@ -664,11 +664,3 @@ class _LayerRun:
                 os.utime(fd, (mtime, mtime))
             finally:
                 os.close(fd)
-
-
-def iter_tree(root: str) -> Iterator[str]:
-    """Relative paths of everything under `root` (for tests and diagnostics)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for name in dirnames + filenames:
-            yield os.path.normpath(os.path.join(rel, name))

@@ -312,9 +312,9 @@ class Puller:
         estimate = sum(d or 0 for d in declared) if known else sum(lp.desc.size for lp in layers)
         store = self.store
         in_use = self.in_use()
-        if known and estimate > store.best_room(in_use):
-            # It cannot fit even in an emptied cache: evicting would only cost.
-            room = store.best_room(in_use)
+        best = store.best_room(in_use) if known else None
+        if best is not None and estimate > best:
+            room = best  # it cannot fit even in an emptied cache: evicting would only cost
         else:
             store.evict(estimate, in_use)
             room = store.room()

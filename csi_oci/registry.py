@@ -62,6 +62,7 @@ from csi_oci.transfer import (
     TransientError,
     Unreachable,
     parse_retry_after,
+    read_via_readinto,
 )
 
 log = logging.getLogger(__name__)
@@ -582,10 +583,7 @@ class _FallbackParallel:
         return n
 
     def read(self, n: int = -1, /) -> bytes:
-        buf = bytearray(n if n and n > 0 else 1 << 22)
-        got = self.readinto(buf)
-        del buf[got:]
-        return buf  # type: ignore[return-value]  # bytes-like, see ResumableStream.read
+        return read_via_readinto(self.readinto, n if n and n > 0 else 1 << 22)
 
     def close(self) -> None:
         if self._parallel is not None:

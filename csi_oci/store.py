@@ -308,13 +308,15 @@ class Store:
         """
         freed = 0
         for _ in range(3):  # a removed tree can make its blobs evictable
+            headroom = self._headroom()  # one walk of the store per pass, not per item
             progress = False
             for _used, label, path, nbytes in self._candidates(in_use):
-                if self._headroom() >= needed:
+                if headroom >= needed:
                     return freed
                 log.info("evicting %s (%d bytes)", label, nbytes)
                 self._remove(path)
                 freed += nbytes
+                headroom += nbytes
                 progress = True
             if not progress:
                 break

@@ -101,6 +101,19 @@ def parse_retry_after(value: str | None) -> float | None:
             return None
 
 
+def read_via_readinto(readinto: Callable[[bytearray], int], n: int) -> bytes:
+    """`read(n)` for a stream that fills buffers: a bytearray, no extra copy.
+
+    Every consumer (hashlib, zlib, zstandard, tarfile, os.write) takes
+    bytes-like objects, and on multi-GiB blobs the copy `bytes()` would make
+    costs as much as the hashing.
+    """
+    buf = bytearray(n)
+    got = readinto(buf) if n > 0 else 0
+    del buf[got:]  # in place, no copy
+    return buf  # type: ignore[return-value]
+
+
 def body_of(resp: requests.Response) -> Any:
     """The body as a file object with `readinto`, without extra copies.
 
@@ -179,13 +192,7 @@ class ResumableStream:
 
     def read(self, n: int = -1, /) -> bytes:
         size = self.end - self.pos if n is None or n < 0 else n
-        buf = bytearray(max(0, min(size, 1 << 22, self.end - self.pos)))
-        got = self.readinto(buf) if buf else 0
-        del buf[got:]  # in place, no copy
-        # A bytearray, not bytes: every consumer (hashlib, zlib, zstandard,
-        # tarfile, os.write) takes bytes-like objects, and on multi-GiB blobs
-        # the copy bytes() would make costs as much as the hashing.
-        return buf  # type: ignore[return-value]
+        return read_via_readinto(self.readinto, max(0, min(size, 1 << 22, self.end - self.pos)))
 
     def close(self) -> None:
         if self._resp is not None:
@@ -367,10 +374,7 @@ class ParallelRangeStream:
         return n
 
     def read(self, n: int = -1, /) -> bytes:
-        buf = bytearray(n if n and n > 0 else 1 << 22)
-        got = self.readinto(buf)
-        del buf[got:]
-        return buf  # type: ignore[return-value]  # bytes-like, see ResumableStream.read
+        return read_via_readinto(self.readinto, n if n and n > 0 else 1 << 22)
 
     def close(self) -> None:
         self._stop.set()

@@ -32,19 +32,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # reuse the test support (registry, artifacts)
+sys.path.insert(0, str(REPO / "hack"))
 
+from benchlib import drop_caches, timed_publish  # noqa: E402
 from support.artifacts import modelpack, push_artifact  # noqa: E402
-from support.driver import Driver  # noqa: E402
 from support.registry import Registry  # noqa: E402
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def sha256_mib_s() -> float:
@@ -63,19 +55,10 @@ def oras_binary() -> str:
 
 
 def time_csi_oci(ref: str, work: Path, expect_files: int) -> float:
-    drv = Driver(work / "driver")
-    parent = work / "pod" / "volumes" / "model"
-    parent.mkdir(parents=True)
-    target = parent / "mount"
-    try:
-        started = time.perf_counter()
-        drv.publish(target, {"image": ref}, timeout=3600)
-        elapsed = time.perf_counter() - started
+    def check(target: Path) -> None:
         assert len(os.listdir(target)) == expect_files
-        drv.unpublish(target)
-    finally:
-        drv.stop()
-    return elapsed
+
+    return timed_publish(ref, work, check=check)
 
 
 def time_oras(ref: str, work: Path, expect_files: int) -> float:

@@ -26,25 +26,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # reuse the test support
+sys.path.insert(0, str(REPO / "hack"))
 
+from benchlib import drop_caches, fetched_bytes  # noqa: E402
 from support.driver import Driver  # noqa: E402
 from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image  # noqa: E402
 from support.registry import Registry  # noqa: E402
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def fetched_bytes(registry: Registry, repo: str) -> int:
-    total = 0
-    for line in registry.log_text().splitlines():
-        if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line:
-            parts = line.split('"')[2].split()
-            if parts and parts[0] in ("200", "206"):
-                total += int(parts[1])
-    return total
 
 
 def read_all(path: Path) -> float:

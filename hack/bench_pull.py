@@ -29,19 +29,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # reuse the test support (registry, images)
+sys.path.insert(0, str(REPO / "hack"))
 
-from support.driver import Driver  # noqa: E402
+from benchlib import drop_caches, timed_publish  # noqa: E402
 from support.images import File, Image, Layer, push_image  # noqa: E402
 from support.registry import Registry  # noqa: E402
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def make_image(size_mib: int, layers: int, compression: str) -> Image:
@@ -59,22 +51,7 @@ def make_image(size_mib: int, layers: int, compression: str) -> Image:
 
 
 def time_csi_oci(registry: Registry, ref: str, work: Path) -> float:
-    drv = Driver(work / "driver")
-    target_parent = work / "pod" / "volumes" / "model"
-    target_parent.mkdir(parents=True)
-    target = target_parent / "mount"
-    try:
-        started = time.perf_counter()
-        drv.publish(target, {"image": ref}, timeout=3600)
-        elapsed = time.perf_counter() - started
-        drv.unpublish(target)
-    finally:
-        t = time.perf_counter()
-        code = drv.stop(timeout=300)
-        if time.perf_counter() - t > 5 or code != 0:
-            print(f"  driver stop took {time.perf_counter() - t:.1f}s, exit {code}")
-            print(drv.log_text()[-2000:])
-    return elapsed
+    return timed_publish(ref, work)
 
 
 def time_skopeo(registry: Registry, ref: str, work: Path) -> float:

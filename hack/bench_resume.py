@@ -20,14 +20,14 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # reuse the test support
+sys.path.insert(0, str(REPO / "hack"))
 
+from benchlib import timed_publish  # noqa: E402
 from support.artifacts import oras_files, push_artifact  # noqa: E402
-from support.driver import Driver  # noqa: E402
 from support.faultproxy import Cut, FaultProxy  # noqa: E402
 from support.registry import Registry  # noqa: E402
 
@@ -42,20 +42,11 @@ class CutLargeBodies(Cut):
 
 
 def publish(proxy: FaultProxy, repo_tag: str, work: Path) -> float:
-    drv = Driver(work / "driver")
-    parent = work / "pod" / "volumes" / "v"
-    parent.mkdir(parents=True)
-    try:
-        started = time.perf_counter()
-        drv.publish(parent / "mount", {"image": f"{proxy.host}/{repo_tag}"}, timeout=3600)
-        elapsed = time.perf_counter() - started
-        drv.unpublish(parent / "mount")
-    finally:
-        drv.stop()
-        for line in drv.log_text().splitlines():
-            if "retrying" in line or "giving up" in line:
-                print("   ", line[11:200])
-    return elapsed
+    return timed_publish(
+        f"{proxy.host}/{repo_tag}",
+        work,
+        log_filter=lambda line: "retrying" in line or "giving up" in line,
+    )
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from support.artifacts import (
     oras_files,
     push_artifact,
 )
-from support.driver import Driver, tree_of
+from support.driver import Driver, settled, tree_of
 from support.images import Dir, File, Image, Layer, push_image
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
@@ -162,7 +162,7 @@ def test_include_publishes_exactly_the_matching_files_and_skips_layers(driver, r
         if k.endswith(".json") or k[:11] in ("model-00001", "model-00002")
     }
     assert tree == wanted
-    fetched = settled_count(lambda: blob_gets(registry, "art/partial") - before, len(wanted) + 1)
+    fetched = settled(lambda: blob_gets(registry, "art/partial") - before, len(wanted) + 1)
     assert fetched == len(wanted) + 1, "only the matching layers (and the config) are downloaded"
     # another include set: its own tree, sharing the blobs already downloaded
     before = blob_gets(registry, "art/partial")
@@ -170,7 +170,7 @@ def test_include_publishes_exactly_the_matching_files_and_skips_layers(driver, r
         driver, tmp_path, ref, "partial2", include="config.json,model-00002-of-00008.safetensors"
     )
     assert set(tree2) == {"config.json", "model-00002-of-00008.safetensors"}
-    fetched = settled_count(lambda: blob_gets(registry, "art/partial") - before, 1)
+    fetched = settled(lambda: blob_gets(registry, "art/partial") - before, 1)
     assert fetched == 1, "only the config: blobs are shared"
     ls = subprocess.run(
         [sys.executable, "-m", "csi_oci.cli", "ls", "--state-dir", str(driver.state_dir)],
@@ -269,16 +269,3 @@ def blob_gets(registry, repo):
         for line in registry.log_text().splitlines()
         if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line
     )
-
-
-def settled_count(count, expected: int) -> int:
-    """`count()` once it reaches `expected` (or after 5 s): registries log a
-    request only after its response is complete, so the last line can lag."""
-    import time
-
-    deadline = time.monotonic() + 5
-    value = count()
-    while value < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = count()
-    return value

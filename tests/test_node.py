@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import MOUNT_CAP, Driver, mount_options, tree_of, wait_for
+from support.driver import MOUNT_CAP, Driver, mount_options, settled, tree_of, wait_for
 from support.images import Dir, File, Image, Layer, Opaque, Symlink, Whiteout, push_image
 from support.registry import TEST_PASSWORD, TEST_USER
 
@@ -428,9 +428,7 @@ def test_ten_concurrent_publishes_share_one_download(driver, registry, tmp_path)
         for t in targets:
             assert sorted(os.listdir(t)) == ["shard-0", "shard-1", "shard-2"]
         # one GET per layer blob plus the config blob, whatever the concurrency
-        got = settled_count(
-            lambda: blob_gets(registry, "node/concurrent") - before, len(layers) + 1
-        )
+        got = settled(lambda: blob_gets(registry, "node/concurrent") - before, len(layers) + 1)
         assert got == len(layers) + 1
     finally:
         for i, t in enumerate(targets):
@@ -460,7 +458,7 @@ def test_long_pull_returns_aborted_with_progress_then_joins(registry, tmp_path):
 
                 time.sleep(0.05)
         assert len(os.listdir(target)) == 4
-        got = settled_count(lambda: blob_gets(registry, "node/long") - before, len(layers) + 1)
+        got = settled(lambda: blob_gets(registry, "node/long") - before, len(layers) + 1)
         assert got == len(layers) + 1
         d.unpublish(target)
     finally:
@@ -611,16 +609,3 @@ def test_reboot_before_flush_discards_torn_trees_and_blobs(registry, tmp_path):
         d.unpublish(target)
     finally:
         d.stop()
-
-
-def settled_count(count, expected: int) -> int:
-    """`count()` once it reaches `expected` (or after 5 s): registries log a
-    request only after its response is complete, so the last line can lag."""
-    import time
-
-    deadline = time.monotonic() + 5
-    value = count()
-    while value < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = count()
-    return value

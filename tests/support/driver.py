@@ -172,6 +172,13 @@ def wait_for(predicate: object, timeout: float = 30.0, interval: float = 0.05) -
     return False
 
 
+def settled(count: object, expected: int, timeout: float = 5.0) -> int:
+    """`count()` once it reaches `expected` (or after `timeout`): registries log
+    a request only after its response is complete, so the last line can lag."""
+    wait_for(lambda: count() >= expected, timeout=timeout)  # type: ignore[operator]
+    return count()  # type: ignore[operator]
+
+
 def tree_of(root: Path) -> dict[str, object]:
     """path -> bytes (files), '->target' (symlinks) or 'dir', for exact comparisons."""
     out: dict[str, object] = {}

@@ -1,0 +1,67 @@
+"""Pieces the hack/bench_*.py scripts share: cache dropping, a timed publish
+through a real `csi-oci serve`, and bytes fetched per the registry's log."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the test support: registry, driver, images
+
+from support.driver import Driver  # noqa: E402
+from support.registry import Registry  # noqa: E402
+
+
+def drop_caches() -> bool:
+    """Flush and drop the page cache (True when the kernel allowed it)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed_publish(
+    ref: str,
+    work: Path,
+    attrs: dict[str, str] | None = None,
+    check: Callable[[Path], None] | None = None,
+    log_filter: Callable[[str], bool] | None = None,
+) -> float:
+    """Seconds for one NodePublishVolume of `ref` by a fresh driver and state dir."""
+    drv = Driver(work / "driver")
+    parent = work / "pod" / "volumes" / "model"
+    parent.mkdir(parents=True)
+    target = parent / "mount"
+    try:
+        started = time.perf_counter()
+        drv.publish(target, {"image": ref, **(attrs or {})}, timeout=3600)
+        elapsed = time.perf_counter() - started
+        if check is not None:
+            check(target)
+        drv.unpublish(target)
+    finally:
+        code = drv.stop(timeout=300)
+        if code != 0:
+            print(f"  driver exited {code}:\n{drv.log_text()[-2000:]}")
+        if log_filter is not None:
+            for line in drv.log_text().splitlines():
+                if log_filter(line):
+                    print("   ", line[11:200])
+    return elapsed
+
+
+def fetched_bytes(registry: Registry, repo: str) -> int:
+    """Blob bytes csi-oci received from `repo`, per the registry's access log."""
+    total = 0
+    for line in registry.log_text().splitlines():
+        if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line:
+            parts = line.split('"')[2].split()
+            if parts and parts[0] in ("200", "206"):
+                total += int(parts[1])
+    return total
