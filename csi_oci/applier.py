@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from csi_oci.errors import InvalidLayer, OutOfSpace
+from csi_oci.errors import InvalidLayer, OutOfSpace, human_bytes
 from csi_oci.faults import crash_point
 from csi_oci.streams import CHUNK, Readable
 
@@ -129,9 +129,9 @@ class Budget:
             raise InvalidLayer(f"{what}: more than {self.limits.max_entries} entries in the image")
         if bytes_now > self.limits.max_bytes and self.disk:
             raise OutOfSpace(
-                f"{what}: the node's image cache has room for {self.limits.max_bytes} more bytes "
-                "(--cache-max-bytes / --cache-min-free-bytes, after evicting unused images), "
-                "and this image needs more"
+                f"{what}: the node's image cache has room for "
+                f"{human_bytes(self.limits.max_bytes)} more (after evicting unused images), "
+                f"and this image needs more"
             )
         if bytes_now > self.limits.max_bytes:
             raise InvalidLayer(

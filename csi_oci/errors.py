@@ -15,48 +15,57 @@ class CsiOciError(Exception):
     """Base class. `code` is the gRPC status a CSI caller receives."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # The `reason` label of csi_oci_pull_errors_total (metrics.py).
+    reason: str = "internal"
 
 
 class InvalidArgument(CsiOciError):
     """A request field or volume attribute is missing or malformed."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid_argument"
 
 
 class NotFound(CsiOciError):
     """The image, tag, repository, volume or sub-path does not exist."""
 
     code = grpc.StatusCode.NOT_FOUND
+    reason = "not_found"
 
 
 class AlreadyExists(CsiOciError):
     """Something incompatible already occupies the name or target path."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "already_exists"
 
 
 class FailedPrecondition(CsiOciError):
     """The request is valid but the node state forbids it (e.g. pullPolicy Never)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "failed_precondition"
 
 
 class Unsupported(CsiOciError):
     """A feature or format csi-oci does not handle (yet)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "unsupported"
 
 
 class AuthError(CsiOciError):
     """The registry refused our credentials (or asked for some we lack)."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "auth_denied"
 
 
 class RegistryError(CsiOciError):
     """The registry answered something we cannot use; usually retryable."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    reason = "registry_error"
 
 
 class IntegrityError(CsiOciError):
@@ -67,18 +76,21 @@ class IntegrityError(CsiOciError):
     """
 
     code = grpc.StatusCode.DATA_LOSS
+    reason = "digest_mismatch"
 
 
 class InvalidLayer(CsiOciError):
     """A layer's archive is malformed or tries something we refuse (escape, bomb)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid_layer"
 
 
 class OutOfSpace(CsiOciError):
     """The state directory's filesystem ran out of space or a budget was exceeded."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "out_of_space"
 
 
 class PullInProgress(CsiOciError):
@@ -89,12 +101,26 @@ class PullInProgress(CsiOciError):
     """
 
     code = grpc.StatusCode.ABORTED
+    reason = "in_progress"
 
 
 class MountError(CsiOciError):
     """A mount or unmount system call failed."""
 
     code = grpc.StatusCode.INTERNAL
+    reason = "mount_failed"
+
+
+def human_bytes(n: int | float) -> str:
+    """Sizes in messages people read: 1.5 GiB, not 1610612736."""
+    value = float(n)
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:

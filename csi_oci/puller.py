@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from csi_oci import metrics
 from csi_oci.applier import Budget, LayerApplier, Limits, Policy, resolve_dir
 from csi_oci.attributes import Platform, PullPolicy, include_matcher
 from csi_oci.errors import (
@@ -38,6 +39,7 @@ from csi_oci.errors import (
     FailedPrecondition,
     IntegrityError,
     InvalidLayer,
+    NotFound,
     OutOfSpace,
     PullInProgress,
 )
@@ -46,6 +48,7 @@ from csi_oci.manifest import (
     INDEX_TYPES,
     MAX_CONFIG_BYTES,
     Compression,
+    Descriptor,
     ImageManifest,
     parse_index,
     parse_manifest,
@@ -76,10 +79,34 @@ class Progress:
     done: int = 0
     phase: str = "resolving"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _first_byte_at: float | None = field(default=None, repr=False)
 
     def add(self, n: int) -> None:
         with self._lock:
+            if self._first_byte_at is None:
+                self._first_byte_at = time.monotonic()
             self.done += n
+
+    def rate(self) -> float | None:
+        """Bytes per second since the first byte arrived (None before a second of data)."""
+        if self._first_byte_at is None:
+            return None
+        elapsed = time.monotonic() - self._first_byte_at
+        return self.done / elapsed if elapsed >= 1.0 else None
+
+    def status(self) -> str:
+        """`3.2/14.0 GiB (23%), 180.0 MiB/s, ETA 61s`, or the phase before bytes flow."""
+        if self.total <= 0:
+            return self.phase
+        pct = 100.0 * self.done / self.total
+        text = f"{human(self.done)}/{human(self.total)} ({pct:.0f}%)"
+        rate = self.rate()
+        if rate:
+            eta = max(0, self.total - self.done) / rate
+            text += f", {human(int(rate))}/s, ETA {eta:.0f}s"
+        elif self.done == 0:
+            text += ", waiting for the first bytes"
+        return text
 
     def describe(self) -> str:
         if self.total <= 0:
@@ -115,8 +142,9 @@ class ResolvedImage:
 class PullJob:
     """One background pull of one tree."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, reference: str = "") -> None:
         self.key = key
+        self.reference = reference or key
         self.progress = Progress()
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -125,8 +153,8 @@ class PullJob:
     def wait(self, timeout: float | None) -> Path:
         if not self.done.wait(timeout):
             raise PullInProgress(
-                f"still pulling {self.key} ({self.progress.describe()}); "
-                "the pull continues in the background, retry to pick it up"
+                f"pull of {self.reference} in progress: {self.progress.status()} "
+                f"({self.key}); it continues in the background and the next retry picks it up"
             )
         if self.error is not None:
             raise self.error
@@ -177,14 +205,30 @@ class Puller:
                     "and pullPolicy is Never"
                 )
         client = RegistryClient(ref, credentials, config=self.registries.current())
-        top = client.get_manifest(ref.manifest_key)
+        try:
+            top = client.get_manifest(ref.manifest_key)
+        except NotFound as exc:
+            error = _not_found(ref, client, exc)
+            metrics.count_pull_error(error)
+            raise error from None
+        except CsiOciError as exc:
+            metrics.count_pull_error(exc)
+            raise
         fetched = top
-        if top.media_type in INDEX_TYPES:
-            chosen = select_platform(parse_index(top.data), platform)
-            fetched = client.get_manifest(chosen.digest)
-            if fetched.media_type in INDEX_TYPES:
-                raise IntegrityError(f"index entry {chosen.digest} of {ref} is itself an index")
-        manifest = parse_manifest(fetched.data, fetched.media_type)
+        try:
+            if top.media_type in INDEX_TYPES:
+                entries = parse_index(top.data)
+                try:
+                    chosen = select_platform(entries, platform)
+                except NotFound:
+                    raise NotFound(_no_platform_message(ref, platform, entries)) from None
+                fetched = client.get_manifest(chosen.digest)
+                if fetched.media_type in INDEX_TYPES:
+                    raise IntegrityError(f"index entry {chosen.digest} of {ref} is itself an index")
+            manifest = parse_manifest(fetched.data, fetched.media_type)
+        except CsiOciError as exc:
+            metrics.count_pull_error(exc)
+            raise
         log.info("resolved %s (%s) to %s (top-level %s)", ref, plat, fetched.digest, top.digest)
         return ResolvedImage(ref, fetched.digest, manifest, client, include)
 
@@ -208,7 +252,7 @@ class Puller:
             if job is None:
                 if resolved.manifest is None or resolved.client is None:
                     raise FailedPrecondition(f"image {resolved.key} vanished from the store")
-                job = PullJob(resolved.key)
+                job = PullJob(resolved.key, str(resolved.reference))
                 self._jobs[resolved.key] = job
                 threading.Thread(
                     target=self._run,
@@ -224,14 +268,21 @@ class Puller:
 
     def _run(self, job: PullJob, resolved: ResolvedImage, platform: Platform) -> None:
         started = time.monotonic()
+        outcome = "failed"
+        metrics.PULLS_IN_PROGRESS.inc()
         try:
             job.tree, record = self._pull(job, resolved)
             self.store.remember_ref(str(resolved.reference), str(platform), resolved.digest)
+            outcome = "succeeded"
             log.info("pulled %s in %.2fs", record.summary(), time.monotonic() - started)
         except BaseException as exc:
-            job.error = _as_pull_error(exc, resolved)
+            job.error = _as_pull_error(exc, resolved, self.store)
+            metrics.count_pull_error(job.error)
             log.warning("pull of %s (%s) failed: %s", resolved.reference, resolved.key, job.error)
         finally:
+            metrics.PULLS_IN_PROGRESS.dec()
+            metrics.PULLS.labels(outcome).inc()
+            metrics.PULL_DURATION.labels(outcome).observe(time.monotonic() - started)
             job.done.set()
 
     def _pull(self, job: PullJob, resolved: ResolvedImage) -> tuple[Path, ImageRecord]:
@@ -254,6 +305,17 @@ class Puller:
             return self._pull_from(job, resolved, resolved.client.without_mirrors())
 
     def _pull_from(
+        self, job: PullJob, resolved: ResolvedImage, client: RegistryClient
+    ) -> tuple[Path, ImageRecord]:
+        # The client counts what crosses the network (resumed and resent bytes
+        # included); the difference is this attempt's share, failed or not.
+        wire_before = client.bytes_on_wire
+        try:
+            return self._pull_attempt(job, resolved, client)
+        finally:
+            metrics.PULL_BYTES.inc(max(0, client.bytes_on_wire - wire_before))
+
+    def _pull_attempt(
         self, job: PullJob, resolved: ResolvedImage, client: RegistryClient
     ) -> tuple[Path, ImageRecord]:
         assert resolved.manifest is not None
@@ -319,13 +381,11 @@ class Puller:
             store.evict(estimate, in_use)
             room = store.room()
         if known and estimate > room:
-            budget = (
-                f"cache budget {store.max_bytes} bytes" if store.max_bytes else "no cache budget"
-            )
             raise OutOfSpace(
-                f"{resolved.reference} needs {estimate} bytes but the node has room for {room} "
-                f"({budget}, {store.usage().total} bytes in use, free-space floor "
-                f"{store.min_free_bytes} bytes), even with every unused image evicted"
+                f"not enough space for image {resolved.reference}: it needs {estimate} bytes "
+                f"({human(estimate)}) but the node has room for "
+                f"{human(room)} {_space_facts(store)} even with every unused image evicted; "
+                f"{SPACE_ADVICE}"
             )
         return Budget(Limits(max_bytes=room), disk=True)
 
@@ -469,6 +529,59 @@ class Puller:
         return final
 
 
+MAX_TAGS_SHOWN = 8
+
+
+def _not_found(ref: Reference, client: RegistryClient, exc: NotFound) -> NotFound:
+    """What is missing (tag, digest or the whole repository), with what there is instead."""
+    where = f"{ref.registry}/{ref.repository}"
+    try:
+        tags = client.list_tags()
+    except NotFound:
+        return NotFound(
+            f"image {ref} not found: repository {ref.repository} does not exist at "
+            f"{ref.registry} (or is private and hidden from these credentials); check the "
+            "image name"
+        )
+    except CsiOciError:
+        tags = None
+    if ref.digest and ref.manifest_key == ref.digest:
+        return NotFound(
+            f"image {ref} not found: manifest {ref.digest} is not in {where} (deleted, or "
+            "pushed to another repository); check the digest"
+        )
+    tag = ref.manifest_key
+    if tags:
+        shown = ", ".join(sorted(tags)[:MAX_TAGS_SHOWN])
+        more = f" ({len(tags)}{'+' if len(tags) >= 100 else ''} in all)" if len(tags) > 1 else ""
+        if len(tags) > MAX_TAGS_SHOWN:
+            shown += ", ..."
+        return NotFound(
+            f"image {ref} not found: tag {tag} does not exist in {where}; pushed tags: "
+            f"{shown}{more}; fix the tag in the volume's image attribute"
+        )
+    if tags == []:
+        return NotFound(
+            f"image {ref} not found: repository {where} has no tags; push the image first"
+        )
+    return NotFound(f"image {ref} not found: tag {tag} does not exist in {where} ({exc})")
+
+
+def _no_platform_message(ref: Reference, want: Platform, entries: list[Descriptor]) -> str:
+    offered = sorted(
+        {
+            str(d.platform)
+            for d in entries
+            if d.platform is not None and d.platform.os not in ("unknown", "")
+        }
+    )
+    return (
+        f"image {ref} has no variant for platform {want} (this node's unless the volume sets "
+        f"platform); available platforms: {', '.join(offered) or 'none'}; set the volume's "
+        "platform attribute to one of them or push the image for this platform"
+    )
+
+
 def _may_match(lp: LayerPlan, select: Callable[[str], bool] | None) -> bool:
     """Can this layer hold a wanted file? Only layers known to be one file can say no."""
     if select is None:
@@ -576,14 +689,57 @@ def _most_telling(errors: list[BaseException]) -> BaseException:
     return (real or errors)[0]
 
 
-def _as_pull_error(exc: BaseException, resolved: ResolvedImage) -> BaseException:
+SPACE_ADVICE = (
+    "raise --cache-max-bytes or free disk space on the node, or publish fewer files "
+    "with the include attribute"
+)
+
+
+def _space_facts(store: Store) -> str:
+    """The numbers behind a full cache, with the flags that set them."""
+    budget = (
+        f"cache budget {store.max_bytes} bytes (--cache-max-bytes)"
+        if store.max_bytes
+        else "no --cache-max-bytes budget"
+    )
+    try:
+        used, free = human(store.usage().total), human(store.free_bytes())
+    except OSError:
+        used = free = "unknown"
+    return (
+        f"({budget}, {used} in the cache, {free} free on disk, free-space floor "
+        f"{store.min_free_bytes} bytes (--cache-min-free-bytes))"
+    )
+
+
+def _as_pull_error(exc: BaseException, resolved: ResolvedImage, store: Store) -> BaseException:
+    """The error a publish reports: names the image, says what to do."""
+    ref = str(resolved.reference)
     if isinstance(exc, OSError) and exc.errno in (28, 122):
         return OutOfSpace(
-            f"no space left on the state directory while pulling {resolved.reference}"
+            f"no space left on the state directory {store.root} while pulling image {ref} "
+            f"{_space_facts(store)}; {SPACE_ADVICE}"
+        )
+    if isinstance(exc, OutOfSpace) and "cache has room for" in str(exc):
+        # The applier's budget stopped an image of unknown unpacked size.
+        return OutOfSpace(
+            f"not enough space for image {ref}: {exc} {_space_facts(store)}; {SPACE_ADVICE}"
+        )
+    if isinstance(exc, InvalidLayer):
+        return InvalidLayer(
+            f"image {ref} has a layer csi-oci refuses: {exc}; the image is malformed or "
+            "unsafe: rebuild it with a standard image builder"
         )
     if isinstance(exc, CsiOciError | OSError):
-        return exc
-    return CsiOciError(f"pull failed: {exc!r}")
+        if ref in str(exc):
+            return exc
+        # Same class (so the same gRPC code and metric reason), with the image named.
+        try:
+            named = type(exc)(f"image {ref}: {exc}")
+        except TypeError:  # an exception class with other constructor arguments
+            return exc
+        return named.with_traceback(exc.__traceback__)
+    return CsiOciError(f"pull of image {ref} failed: {exc!r}")
 
 
 class _LayerPipeline:

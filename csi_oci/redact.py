@@ -9,6 +9,8 @@ secret was passed, never its value.
 
 from __future__ import annotations
 
+import re
+
 from google.protobuf import text_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -73,3 +75,24 @@ def _redact_in_place(msg: Message) -> None:
 def one_line(msg: Message) -> str:
     """The redacted message as one log line."""
     return text_format.MessageToString(redacted_copy(msg), as_one_line=True)
+
+
+# `user:password@` in a URL, and query strings (presigned blob URLs carry
+# their signature there) are what an error text can pick up from requests.
+_URL_USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
+_URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
+MAX_MESSAGE_CHARS = 1000  # kubelet's event note is capped near 1 KiB
+
+
+def one_line_text(text: str) -> str:
+    """An error text as one line without URL credentials or query strings.
+
+    What a user sees in a pod event must fit one line: newlines from a
+    registry's error body or a nested exception are folded into spaces.
+    """
+    text = _URL_USERINFO.sub(REDACTED + "@", text)
+    text = _URL_QUERY.sub(r"\1?" + REDACTED, text)
+    flat = " ".join(text.split())
+    if len(flat) > MAX_MESSAGE_CHARS:
+        flat = flat[: MAX_MESSAGE_CHARS - 3] + "..."
+    return flat

@@ -44,7 +44,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from csi_oci.credentials import Credentials
-from csi_oci.errors import AuthError, IntegrityError, NotFound, RegistryError
+from csi_oci.errors import AuthError, CsiOciError, IntegrityError, NotFound, RegistryError
 from csi_oci.manifest import (
     ACCEPTED_MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
@@ -291,11 +291,20 @@ class _Connection:
         return resp
 
     def _auth_error(self, resp: requests.Response | None) -> AuthError:
-        who = "with the given credentials" if self.credentials else "anonymously (no credentials)"
-        detail = f" ({_error_detail(resp)})" if resp is not None and _error_detail(resp) else ""
+        status = f"HTTP {resp.status_code}" if resp is not None else "HTTP 401"
+        detail = _error_detail(resp) if resp is not None else ""
+        why = f"{status}, {detail}" if detail else status
+        host = self.endpoint.host
+        if self.credentials is None:
+            return AuthError(
+                f"{self.name} refused access to image {self.ref} anonymously ({why}): give "
+                f"credentials for {host} in a nodePublishSecretRef Secret (type "
+                "kubernetes.io/dockerconfigjson) or in the node's --docker-config"
+            )
         return AuthError(
-            f"{self.name} refused access to {self.ref.repository} {who}{detail}; "
-            "check the nodePublishSecretRef secret's registry credentials"
+            f"{self.name} refused access to image {self.ref} with the given credentials ({why}): "
+            f"check the user, password or token for {host} in the volume's nodePublishSecretRef "
+            f"or the node's --docker-config, and that it may pull {self.ref.repository}"
         )
 
     def _check(self, resp: requests.Response, what: str) -> None:
@@ -418,6 +427,7 @@ class RegistryClient:
     def _manifest_from(self, conn: _Connection, key: str, by_digest: bool) -> FetchedManifest:
         what = f"manifest {key!r}" if by_digest else f"tag {key!r}"
         attempt = 0
+        started = time.monotonic()
         while True:
             attempt += 1
             try:
@@ -436,7 +446,15 @@ class RegistryClient:
                 break
             except TransientError as exc:
                 if attempt >= self.policy.max_attempts:
-                    raise
+                    # Say what was tried: a pod event that only says "timed out"
+                    # leaves the user guessing whether it was retried at all.
+                    raise type(exc)(
+                        f"image {self.ref}: {exc} ({attempt} attempts over "
+                        f"{time.monotonic() - started:.0f}s); check that {conn.endpoint.host} "
+                        "is the right registry and reachable from the node (DNS, firewall, "
+                        "proxy), or list a mirror for it in --registry-config",
+                        exc.retry_after,
+                    ) from None
                 if isinstance(exc, Unreachable) and conn.endpoint.mirror:
                     raise  # a mirror nobody answers at: the next endpoint, now
                 time.sleep(self.policy.delay(attempt, exc.retry_after))
@@ -455,6 +473,31 @@ class RegistryClient:
         media_type = detect_media_type(data, resp.headers.get("Content-Type"))
         self.served_by.add(conn.name)
         return FetchedManifest(data=data, media_type=media_type, digest=digest, source=conn.name)
+
+    def list_tags(self, limit: int = 100) -> list[str] | None:
+        """Up to `limit` tags of the repository, from the registry itself (not mirrors).
+
+        For error messages only: None when the registry does not let us list
+        (tags/list needs its own permission on some registries). A missing
+        repository raises NotFound.
+        """
+        for conn in self.connections:
+            if conn.endpoint.mirror:
+                continue
+            try:
+                resp = conn.get(f"/tags/list?n={limit}", {}, what="tag list")
+            except NotFound:
+                raise
+            except CsiOciError:
+                return None
+            try:
+                tags = resp.json().get("tags") or []
+            except (ValueError, AttributeError, requests.RequestException):
+                return None
+            finally:
+                resp.close()
+            return [str(t) for t in tags][:limit] if isinstance(tags, list) else None
+        return None
 
     # -- blobs ------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi_oci import metrics
 from csi_oci.errors import CsiOciError, FailedPrecondition
 from csi_oci.reference import validate_digest
 
@@ -205,6 +206,11 @@ class Usage:
         return self.trees + self.blobs
 
 
+def _eviction_kind(label: str) -> str:
+    """The metric's `kind` label from a candidate's label ("tree …", "blob …", "lazy piece …")."""
+    return "lazy_piece" if label.startswith("lazy piece") else label.partition(" ")[0]
+
+
 class Store:
     def __init__(
         self, state_dir: Path, *, max_bytes: int | None = None, min_free_bytes: int = 0
@@ -315,6 +321,7 @@ class Store:
                     return freed
                 log.info("evicting %s (%d bytes)", label, nbytes)
                 self._remove(path)
+                metrics.count_eviction(_eviction_kind(label), nbytes)
                 freed += nbytes
                 headroom += nbytes
                 progress = True
@@ -330,6 +337,7 @@ class Store:
                 for _used, label, path, nbytes in self._candidates(in_use):
                     log.info("removing %s (%d bytes)", label, nbytes)
                     self._remove(path)
+                    metrics.count_eviction(_eviction_kind(label), nbytes)
                     freed += nbytes
             return freed
         return self.evict(0, in_use)

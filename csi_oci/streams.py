@@ -104,14 +104,16 @@ class VerifyingReader:
         if self._size is not None and self.count != self._size:
             raise IntegrityError(
                 f"{self._what}: got {self.count} bytes, descriptor declares {self._size} "
-                "(truncated or wrong blob)"
+                "(truncated or wrong blob): re-push the image, or fix the registry or cache "
+                "that serves it"
             )
         got = self._hash.hexdigest()
         if got != self._expected_hex:
             raise IntegrityError(
                 f"{self._what}: digest mismatch: expected {self._digest}, "
                 f"got {self._digest.partition(':')[0]}:{got}; the registry or a proxy "
-                "served wrong bytes, nothing was kept"
+                "served wrong bytes, nothing was kept: re-push the image, or fix the registry "
+                "or cache that serves it"
             )
         self.verified = True
 

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 class TransientError(RegistryError):
     """Worth retrying: a connection problem, a timeout, 408/429/5xx."""
 
+    reason = "registry_unreachable"
+
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after

@@ -37,6 +37,7 @@ class Driver:
         state_dir: Path | None = None,
         extra_args: list[str] | None = None,
         node_id: str = "test-node",
+        metrics_address: str = "",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +47,9 @@ class Driver:
         self.mode = mode
         self.node_id = node_id
         self.extra_args = list(extra_args or [])
+        # Off unless asked for: the default port (:9808) would clash between
+        # drivers running at once (and with other test runs on the machine).
+        self.metrics_address = metrics_address
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
         self.start()
@@ -64,6 +68,8 @@ class Driver:
             self.node_id,
             "--mode",
             self.mode,
+            "--metrics-address",
+            self.metrics_address,
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")
