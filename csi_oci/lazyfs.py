@@ -17,10 +17,12 @@ proceed in parallel while the trio event loop keeps serving requests.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -28,6 +30,7 @@ import trio
 from csi_oci.errors import CsiOciError
 from csi_oci.lazy import LazyReader
 from csi_oci.lazy.toc import HIDDEN_ROOT_NAMES, Entry
+from csi_oci.transfer import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +133,34 @@ class LazyTree:
             self.nodes[inode].nlink = count
 
 
+@dataclass(frozen=True)
+class ServedImage:
+    """What a failed read is about, in the words of the operator's records."""
+
+    reference: str = "-"
+    digest: str = ""
+    records_dir: str | None = None
+
+    def volumes(self) -> str:
+        """The volumes bound to this image (read when needed: they come and go)."""
+        if not self.records_dir or not self.digest:
+            return "-"
+        found = []
+        for path in sorted(Path(self.records_dir).glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("tree") == f"lazy:{self.digest}":
+                found.append(str(record.get("volume_id")))
+        return ",".join(found) or "-"
+
+
 class LazyFS(pyfuse3.Operations):
-    def __init__(self, tree: LazyTree) -> None:
+    def __init__(self, tree: LazyTree, image: ServedImage | None = None) -> None:
         super().__init__()
         self.tree = tree
+        self.image = image or ServedImage()
 
     def _node(self, inode: int) -> Node:
         node = self.tree.nodes.get(inode)
@@ -219,11 +246,19 @@ class LazyFS(pyfuse3.Operations):
         entry, reader = node.entry, node.reader
         try:
             return await trio.to_thread.run_sync(reader.read, entry.name, offset, size)
-        except CsiOciError as exc:
-            log.error("read of %s at %d+%d failed: %s", entry.name, offset, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as exc:
-            log.error("read of %s at %d+%d failed: %s", entry.name, offset, size, exc)
+        except (CsiOciError, OSError) as exc:
+            # EIO for this read only: nothing is remembered, the next read
+            # of the same bytes asks the registry again.
+            log.error(
+                "on-demand read failed (EIO): volume %s, image %s, file %s, offset %d, "
+                "length %d: %s; the next read will try again",
+                self.image.volumes(),
+                self.image.reference,
+                entry.name,
+                offset,
+                size,
+                exc,
+            )
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
@@ -240,6 +275,7 @@ class LazyFS(pyfuse3.Operations):
 
 
 READ_AHEAD_KB = 4096
+ON_DEMAND_RETRIES = RetryPolicy(max_attempts=3, base_delay=0.2, max_delay=1.0)
 
 
 def _raise_readahead(mountpoint: str) -> None:
@@ -264,12 +300,17 @@ def _raise_readahead(mountpoint: str) -> None:
         log.info("could not raise readahead of %s: %s", mountpoint, exc)
 
 
-def serve(tree: LazyTree, mountpoint: str, fsname: str = "csi-oci-lazy") -> None:
+def serve(
+    tree: LazyTree,
+    mountpoint: str,
+    fsname: str = "csi-oci-lazy",
+    image: ServedImage | None = None,
+) -> None:
     """Mount and serve until unmounted (blocks; run it in its own process)."""
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {f"fsname={fsname}", "ro", "default_permissions", "allow_other"}
-    pyfuse3.init(LazyFS(tree), mountpoint, options)
+    pyfuse3.init(LazyFS(tree, image), mountpoint, options)
     _raise_readahead(mountpoint)
     try:
         trio.run(pyfuse3.main)
@@ -294,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     registry-backed layers the same way.
     """
     import argparse
-    import json
 
     from csi_oci.lazy import open_toc
 
@@ -302,12 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("layers", nargs="?", help="local layer blobs (JSON list)")
     parser.add_argument("--registry-spec", help="serve an image's layers from its registry")
+    parser.add_argument("--credentials", help="registry credentials (JSON, kept on tmpfs)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    image = None
     if args.registry_spec:
-        readers, prefetch_mode = registry_readers(args.registry_spec)
+        readers, prefetch_mode = registry_readers(args.registry_spec, args.credentials)
+        spec = json.loads(open(args.registry_spec).read())
+        image = ServedImage(spec["reference"], spec.get("digest", ""), spec.get("records_dir"))
         _start_prefetch(readers, prefetch_mode)
     else:
         readers = []
@@ -315,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             size, fetch = _file_fetch(spec["path"])
             toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)  # type: ignore[arg-type]
             readers.append(LazyReader(toc, fetch))  # type: ignore[arg-type]
-    serve(LazyTree(readers), args.mountpoint)
+    serve(LazyTree(readers), args.mountpoint, image=image)
     return 0
 
 
@@ -328,15 +372,14 @@ def _start_prefetch(readers: list[LazyReader], mode: str) -> None:
         threading.Thread(target=prefetch, args=(reader, mode), name="prefetch", daemon=True).start()
 
 
-def registry_readers(spec_path: str) -> tuple[list[LazyReader], str]:
+def registry_readers(
+    spec_path: str, credentials_path: str | None = None
+) -> tuple[list[LazyReader], str]:
     """Readers fetching byte ranges of an image's layers from its registry.
 
-    The spec file (written 0600 by the driver) may hold the volume's registry
-    credentials; it is read once and removed, so they live only in memory.
+    The credentials file (0600, on tmpfs; see csi_oci.lazymount) is read once
+    at start: a restarted server reads it again.
     """
-    import json
-    from pathlib import Path
-
     from csi_oci.credentials import Credentials
     from csi_oci.lazy import open_toc
     from csi_oci.manifest import Descriptor
@@ -345,12 +388,14 @@ def registry_readers(spec_path: str) -> tuple[list[LazyReader], str]:
     from csi_oci.registry_config import ConfigSource
 
     spec = json.loads(Path(spec_path).read_text())
-    Path(spec_path).unlink(missing_ok=True)
-    creds = spec.get("credentials")
+    creds = json.loads(Path(credentials_path).read_text()) if credentials_path else None
     credentials = Credentials(creds["username"], creds["password"]) if creds else None
     config_path = spec.get("registry_config")
     config = ConfigSource(Path(config_path) if config_path else None).current()
     client = RegistryClient(parse_reference(spec["reference"]), credentials, config=config)
+    # A reader waits for this read: a few quick retries, then EIO (and the
+    # next read tries again), rather than a pull's patient backoff.
+    client.policy = ON_DEMAND_RETRIES
     readers = []
     for layer in spec["layers"]:
         desc = Descriptor(layer["media_type"], layer["digest"], layer["size"], layer["annotations"])

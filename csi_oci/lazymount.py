@@ -2,17 +2,40 @@
 
 pyfuse3 holds one FUSE session per process, and a FUSE mount dies with its
 server, so each lazily served image gets its own `python -m csi_oci.lazyfs`
-process, started in its own session: stopping or restarting the gRPC
-server leaves it (and every volume bound to it) serving. Volumes are bind
-mounts of its mount point, like unpacked trees. When the last volume of an
-image is unpublished, the mount point is unmounted and the server exits.
+process. Volumes are bind mounts of its mount point, like unpacked trees.
+When the last volume of an image is unpublished, the mount point is
+unmounted and the server exits.
+
+What an image needs to be served is kept as desired state on disk, so
+whoever starts the servers can start them again after any crash:
+
+    <state>/lazy/<hex>/image.json    reference, layers, prefetch (no secrets)
+    <state>/lazy/<hex>/mnt           the FUSE mount point
+    <state>/lazy/<hex>/error         why the last start failed (external mode)
+    <runtime>/<store-id>-<hex>.json  registry credentials, 0600, on tmpfs
+
+Credentials live under the runtime directory (`/run/csi-oci`, a tmpfs on
+the host), the way kubelet keeps secret volumes: they outlive a container
+restart, so a dead server can be restarted with the pod's credentials, but
+never reach the node's disk and vanish at reboot (when kubelet publishes
+every volume again with fresh secrets).
+
+Who starts the servers:
+  * inline (CLI, single-container installs): this process, in a new session
+    so stopping the gRPC server leaves them serving;
+  * external (the DaemonSet): the `csi-oci lazy-server` process in its own
+    container (csi_oci.lazyserver). This process writes the desired state,
+    wakes the lazy-server with a datagram, and waits for the mount.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,11 +46,13 @@ from csi_oci.credentials import Credentials
 from csi_oci.errors import FailedPrecondition, MountError
 from csi_oci.lazy import lazy_format
 from csi_oci.puller import ResolvedImage
-from csi_oci.store import Store
+from csi_oci.store import Store, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
+DEFAULT_RUNTIME_DIR = Path("/run/csi-oci")
+WAKE_SOCKET = "lazy-server.sock"
 
 
 def fuse_available() -> bool:
@@ -35,36 +60,77 @@ def fuse_available() -> bool:
 
 
 class LazyMounts:
-    def __init__(self, store: Store, registry_config: Path | None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry_config: Path | None,
+        *,
+        runtime_dir: Path | None = None,
+        external: bool = False,
+    ) -> None:
         self.store = store
         self.registry_config = registry_config
         self.root = store.root / "lazy"
-        # Credentials of running images, kept in memory only (never on disk
-        # past the server's start) so a server that died can be restarted.
-        self._credentials: dict[str, Credentials | None] = {}
+        self.runtime_dir = runtime_dir or DEFAULT_RUNTIME_DIR
+        self.external = external
+        # Several drivers (tests, or two state dirs) may share the runtime dir.
+        self._store_id = hashlib.sha256(str(store.root.resolve()).encode()).hexdigest()[:12]
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- paths -----------------------------------------------------------------
+
+    def _dir(self, digest: str) -> Path:
+        return self.root / digest.partition(":")[2]
 
     def mountpoint(self, digest: str) -> Path:
-        return self.root / digest.partition(":")[2] / "mnt"
+        return self._dir(digest) / "mnt"
+
+    def _credentials_path(self, digest: str) -> Path:
+        return self.runtime_dir / f"{self._store_id}-{digest.partition(':')[2]}.json"
 
     @property
     def chunk_cache(self) -> Path:
         """Verified pieces, by digest, shared by every lazily served layer."""
         return self.root / "chunks"
 
+    @property
+    def wake_socket(self) -> Path:
+        return self.root / WAKE_SOCKET
+
+    # -- desired state -----------------------------------------------------------
+
+    def requested(self) -> list[str]:
+        """Digests of every image that should be served (has an image.json)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            f"sha256:{d.name}" for d in self.root.iterdir() if (d / "image.json").is_file()
+        )
+
     def ensure(
         self, resolved: ResolvedImage, credentials: Credentials | None, prefetch: str = "all"
     ) -> Path:
         """The image's FUSE mount point, starting its server if needed."""
-        mnt = self.mountpoint(resolved.digest)
-        if mounts.is_mounted(mnt):
-            return mnt
+        digest = resolved.digest
+        if self.alive(digest):
+            return self.mountpoint(digest)
+        image = self._image_spec(resolved, prefetch)
+        if not fuse_available():
+            raise FailedPrecondition("mode lazy needs /dev/fuse on the node")
+        self.mountpoint(digest).mkdir(parents=True, exist_ok=True)
+        self._save_credentials(digest, credentials)
+        write_json_atomic(self._dir(digest) / "image.json", image)
+        if self.external:
+            return self._wait_for_lazy_server(digest, str(resolved.reference))
+        return self.start(digest)
+
+    def _image_spec(self, resolved: ResolvedImage, prefetch: str) -> dict[str, object]:
         manifest = resolved.manifest
         if manifest is None:
             raise FailedPrecondition(f"{resolved.reference}: manifest needed to serve it lazily")
         layers = []
         for index, desc in enumerate(manifest.layers):
-            fmt = lazy_format(desc.media_type, desc.annotations)
-            if fmt is None:
+            if lazy_format(desc.media_type, desc.annotations) is None:
                 raise FailedPrecondition(
                     f"mode lazy: layer {index + 1} of {resolved.reference} ({desc.digest}, "
                     f"{desc.media_type}) has no eStargz or zstd:chunked TOC digest annotation, "
@@ -78,66 +144,79 @@ class LazyMounts:
                     "annotations": desc.annotations,
                 }
             )
-        if not fuse_available():
-            raise FailedPrecondition("mode lazy needs /dev/fuse on the node")
-        mnt.mkdir(parents=True, exist_ok=True)
-        image = {
+        return {
+            "digest": resolved.digest,
             "reference": str(resolved.reference),
             "layers": layers,
             "registry_config": str(self.registry_config) if self.registry_config else None,
             "cache_dir": str(self.chunk_cache),
+            "records_dir": str(self.store.root / "volumes"),
             "prefetch": prefetch,
         }
-        (mnt.parent / "image.json").write_text(json.dumps(image))  # to restart it later
-        self._credentials[resolved.digest] = credentials
-        return self._start(resolved.digest, image, credentials)
 
-    def _start(
-        self, digest: str, image: dict[str, object], credentials: Credentials | None
-    ) -> Path:
-        mnt = self.mountpoint(digest)
-        reference = image["reference"]
-        spec_path = mnt.parent / "spec.json"
-        spec = {
-            **image,
-            "credentials": (
-                {"username": credentials.username, "password": credentials.password}
-                if credentials
-                else None
-            ),
-        }
-        fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    def _save_credentials(self, digest: str, credentials: Credentials | None) -> None:
+        path = self._credentials_path(digest)
+        if credentials is None:
+            path.unlink(missing_ok=True)
+            return
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
+            json.dump({"username": credentials.username, "password": credentials.password}, f)
+        os.rename(tmp, path)
+
+    # -- running servers -----------------------------------------------------------
+
+    def start(self, digest: str) -> Path:
+        """(Re)start the image's FUSE server from its desired state; the mount point."""
+        mnt = self.mountpoint(digest)
+        image = read_json(self._dir(digest) / "image.json")
+        if image is None:
+            raise MountError(f"{digest} is not requested to be served lazily")
+        old = self._children.pop(digest, None)
+        if old is not None and old.poll() is None:
+            old.kill()
+            old.wait()
+        if mounts.is_mounted(mnt):
+            mounts.unmount(mnt)  # a dead server's mount (ENOTCONN) is detached
+        mnt.mkdir(parents=True, exist_ok=True)
         log_path = mnt.parent / "lazyfs.log"
+        command = [sys.executable, "-m", "csi_oci.lazyfs", str(mnt)]
+        command += ["--registry-spec", str(mnt.parent / "image.json")]
+        creds = self._credentials_path(digest)
+        if creds.exists():
+            command += ["--credentials", str(creds)]
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "csi_oci.lazyfs",
-                    str(mnt),
-                    "--registry-spec",
-                    str(spec_path),
-                ],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
-                start_new_session=True,  # outlives a restart of the gRPC server
+                start_new_session=True,  # outlives a restart of whoever started it
             )
+        self._children[digest] = proc
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if mounts.is_mounted(mnt):
-                log.info("serving %s lazily at %s (pid %d)", reference, mnt, proc.pid)
+                log.info("serving %s lazily at %s (pid %d)", image["reference"], mnt, proc.pid)
                 return mnt
             if proc.poll() is not None:
                 break
-            time.sleep(0.05)
-        spec_path.unlink(missing_ok=True)
-        tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
+            time.sleep(0.02)
         if proc.poll() is None:
             proc.kill()
-        raise MountError(f"the lazy filesystem for {reference} did not start: {tail.strip()}")
+            proc.wait()
+        tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
+        raise MountError(
+            f"the lazy filesystem for {image['reference']} did not start: {_last_error(tail)}"
+        )
+
+    def reap(self) -> None:
+        """Collect servers that exited (no zombies in a long-lived parent)."""
+        for digest, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[digest]
 
     def alive(self, digest: str) -> bool:
         """Mounted and answering (a dead server's mount gives ENOTCONN at once)."""
@@ -154,17 +233,63 @@ class LazyMounts:
 
     def revive(self, digest: str) -> Path:
         """Restart the server of an image whose server died; the new mount point."""
-        mnt = self.mountpoint(digest)
-        if mounts.is_mounted(mnt):
-            mounts.unmount(mnt)  # the stale mount (ENOTCONN) is detached
-        image = json.loads((mnt.parent / "image.json").read_text())
+        image = read_json(self._dir(digest) / "image.json") or {}
         log.warning("the lazy filesystem of %s died; starting it again", image.get("reference"))
-        return self._start(digest, image, self._credentials.get(digest))
+        return self.start(digest)
 
     def release(self, digest: str) -> None:
-        """Unmount the image's FUSE mount (its server then exits)."""
+        """Stop serving the image: forget its desired state, unmount (the server exits)."""
+        (self._dir(digest) / "image.json").unlink(missing_ok=True)
+        (self._dir(digest) / "error").unlink(missing_ok=True)
+        self._credentials_path(digest).unlink(missing_ok=True)
         mnt = self.mountpoint(digest)
-        self._credentials.pop(digest, None)
         if mounts.is_mounted(mnt):
             mounts.unmount(mnt)
             log.info("stopped serving %s lazily", digest)
+        proc = self._children.pop(digest, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+    # -- external mode ------------------------------------------------------------
+
+    def record_error(self, digest: str, message: str) -> None:
+        """The lazy-server's answer to a failed start, for the waiting publish."""
+        write_json_atomic(self._dir(digest) / "error", {"message": message, "at": time.time()})
+
+    def _wait_for_lazy_server(self, digest: str, reference: str) -> Path:
+        error_path = self._dir(digest) / "error"
+        error_path.unlink(missing_ok=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        next_wake = 0.0
+        while time.monotonic() < deadline:
+            if self.alive(digest):
+                return self.mountpoint(digest)
+            error = read_json(error_path)
+            if error is not None:
+                raise MountError(str(error.get("message")))
+            if time.monotonic() >= next_wake:
+                self.wake()
+                next_wake = time.monotonic() + 0.5
+            time.sleep(0.02)
+        raise MountError(
+            f"the lazy filesystem for {reference} did not start within {START_TIMEOUT:.0f} s: "
+            "is the lazy-server container (`csi-oci lazy-server`) running on this node?"
+        )
+
+    def wake(self) -> None:
+        """Nudge the lazy-server to look at the desired state now."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            try:
+                s.sendto(b"wake", str(self.wake_socket))
+            except OSError:
+                pass  # not (yet) running: it polls when it starts
+
+
+def _last_error(log_tail: str) -> str:
+    """The most telling line of a server's log (its last error, else its last line)."""
+    lines = [line for line in log_tail.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if " ERROR " in line or "Error" in line:
+            return line.strip()
+    return lines[-1].strip() if lines else "no output"

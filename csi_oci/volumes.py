@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +44,27 @@ log = logging.getLogger(__name__)
 
 STATE_MOUNTING = "mounting"
 STATE_PUBLISHED = "published"
+LOCK_STRIPES = 64
+
+
+@contextlib.contextmanager
+def _flock(path: Path, deadline: float | None) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PullInProgress(
+                        "another operation on this target is still in progress; retry"
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass(frozen=True)
@@ -59,7 +82,7 @@ class VolumeManager:
     def __init__(
         self,
         store: Store,
-        puller: Puller,
+        puller: Puller | None,
         *,
         publish_wait: float = 90.0,
         lazy: LazyMounts | None = None,
@@ -71,7 +94,14 @@ class VolumeManager:
         self.records = store.root / "volumes"
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        puller.in_use = self.in_use
+        if puller is not None:  # the lazy-server reads records only
+            puller.in_use = self.in_use
+
+    @property
+    def _puller(self) -> Puller:
+        if self.puller is None:
+            raise FailedPrecondition("this process only reads volume records; it cannot publish")
+        return self.puller
 
     # -- records -------------------------------------------------------------
 
@@ -117,25 +147,47 @@ class VolumeManager:
         return counts
 
     def recover(self) -> None:
-        """After a restart: drop records of mounts that never completed."""
+        """After a restart: drop records of mounts that never completed.
+
+        Lazy images whose volumes are all gone (a crash between starting the
+        image's server and binding its first volume) stop being served.
+        """
         self.records.mkdir(parents=True, exist_ok=True)
         for rec in self.all_records():
             if rec.state == STATE_MOUNTING and not mounts.is_mounted(rec.target_path):
                 log.info("dropping record of unfinished publish at %s", rec.target_path)
                 self._forget(rec.target_path)
+        if self.lazy is not None:
+            used = self.refcounts()
+            for digest in self.lazy.requested():
+                if f"lazy:{digest}" not in used:
+                    log.info("no volume uses lazy image %s any more: releasing it", digest)
+                    self.lazy.release(digest)
 
     # -- locking ---------------------------------------------------------------
 
     @contextlib.contextmanager
     def _target_lock(self, target: str) -> Iterator[None]:
+        """Serialize work on one target: between threads, and with the lazy-server.
+
+        The cross-process part is an flock on one of LOCK_STRIPES files, picked
+        by the target's hash: bounded on disk however many pods come and go.
+        """
         with self._locks_guard:
             lock = self._locks.setdefault(target, threading.Lock())
-        if not lock.acquire(timeout=-1 if math.isinf(self.publish_wait) else self.publish_wait):
+        timeout = None if math.isinf(self.publish_wait) else self.publish_wait
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not lock.acquire(timeout=-1 if timeout is None else timeout):
             raise PullInProgress(f"another operation on {target} is still in progress; retry")
         try:
-            yield
+            with _flock(self._stripe(target), deadline):
+                yield
         finally:
             lock.release()
+
+    def _stripe(self, target: str) -> Path:
+        stripe = hashlib.sha256(target.encode()).digest()[0] % LOCK_STRIPES
+        return self.records / "locks" / f"{stripe:02x}"
 
     # -- publish / unpublish -------------------------------------------------------
 
@@ -160,14 +212,14 @@ class VolumeManager:
                 )
             if spec.mode is Mode.LAZY:
                 return self._publish_lazy(volume_id, target, spec, credentials)
-            resolved = self.puller.resolve(
+            resolved = self._puller.resolve(
                 spec.reference, spec.platform, spec.pull_policy, credentials, spec.include
             )
             if spec.mode is Mode.AUTO and self._lazy_capable(resolved, spec):
                 return self._publish_lazy(volume_id, target, spec, credentials, resolved)
             budget = self.publish_wait if wait is None else wait
             with self.store.pinned(resolved.key):
-                tree = self.puller.ensure(
+                tree = self._puller.ensure(
                     resolved, spec.platform, None if math.isinf(budget) else budget
                 )
                 self.store.touch(resolved.key)
@@ -203,7 +255,7 @@ class VolumeManager:
             policy = (
                 PullPolicy.ALWAYS if spec.pull_policy is not PullPolicy.NEVER else spec.pull_policy
             )
-            resolved = self.puller.resolve(spec.reference, spec.platform, policy, credentials)
+            resolved = self._puller.resolve(spec.reference, spec.platform, policy, credentials)
         upstream = (
             credentials(spec.reference.registry, spec.reference.repository) if credentials else None
         )
@@ -223,7 +275,7 @@ class VolumeManager:
             if rec.tree.startswith("lazy:") and rec.state == STATE_PUBLISHED:
                 by_digest.setdefault(rec.tree.removeprefix("lazy:"), []).append(rec)
         revived = 0
-        for digest, records in by_digest.items():
+        for digest in by_digest:
             if self.lazy.alive(digest):
                 continue
             try:
@@ -231,22 +283,39 @@ class VolumeManager:
             except CsiOciError as exc:
                 log.error("could not restart the lazy filesystem of %s: %s", digest, exc)
                 continue
-            for rec in records:
-                with self._target_lock(rec.target_path):
-                    mounts.unmount(rec.target_path)  # the stale bind
-                    spec = parse_volume_attributes(rec.spec)
-                    root_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    try:
-                        src_fd = _open_sub_path(root_fd, spec, digest)
-                        try:
-                            mounts.bind_mount_readonly(src_fd, rec.target_path)
-                        finally:
-                            os.close(src_fd)
-                    finally:
-                        os.close(root_fd)
-                    log.info("bound %s again at %s", rec.volume_id, rec.target_path)
+            self.rebind_lazy(digest, mnt)
             revived += 1
         return revived
+
+    def rebind_lazy(self, digest: str, mnt: Path) -> int:
+        """Bind the image's published volumes again after its server restarted.
+
+        A bind of a dead FUSE mount fails every access with ENOTCONN; a
+        healthy one (rebound already, or never broken) is left alone.
+        Returns how many targets were bound again.
+        """
+        rebound = 0
+        for rec in self.all_records():
+            if rec.tree != f"lazy:{digest}" or rec.state != STATE_PUBLISHED:
+                continue
+            with self._target_lock(rec.target_path):
+                current = self.load(rec.target_path)
+                if current is None or current.tree != rec.tree or _healthy(rec.target_path):
+                    continue
+                mounts.unmount(rec.target_path)  # the stale bind
+                spec = parse_volume_attributes(rec.spec)
+                root_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    src_fd = _open_sub_path(root_fd, spec, digest)
+                    try:
+                        mounts.bind_mount_readonly(src_fd, rec.target_path)
+                    finally:
+                        os.close(src_fd)
+                finally:
+                    os.close(root_fd)
+                log.info("bound %s again at %s", rec.volume_id, rec.target_path)
+                rebound += 1
+        return rebound
 
     def _republish_check(
         self, volume_id: str, target: str, spec: VolumeSpec
@@ -318,6 +387,17 @@ class VolumeManager:
                     self.lazy.release(rec.tree.removeprefix("lazy:"))
 
 
+def _healthy(target: str) -> bool:
+    """Mounted and answering: statfs reaches the FUSE server behind a bind."""
+    if not mounts.is_mounted(target):
+        return False
+    try:
+        os.statvfs(target)
+        return True
+    except OSError:
+        return False
+
+
 def _make_target_dir(target: str) -> bool:
     """Create the target directory (CSI: the SP creates it). True if we made it."""
     try:
@@ -343,9 +423,31 @@ def _open_sub_path(root_fd: int, spec: VolumeSpec, digest: str) -> int:
         ) from None
     if fd is None:
         raise NotFound(
-            f"subPath {spec.sub_path!r} does not exist in image {spec.reference} ({digest})"
+            f"subPath {spec.sub_path!r} does not exist in image {spec.reference} ({digest}); "
+            f"its top level holds: {_top_level(root_fd)}; fix the volume's subPath attribute"
         )
     return fd
+
+
+def _top_level(root_fd: int, shown: int = 10) -> str:
+    """`models/, config.json, ...`: what a subPath could have been."""
+    try:
+        names = sorted(os.listdir(root_fd))
+    except OSError:
+        return "(unreadable)"
+    marked = []
+    for name in names[:shown]:
+        with contextlib.suppress(OSError):
+            if _is_dir_at(root_fd, name):
+                name += "/"
+        marked.append(name)
+    if len(names) > shown:
+        marked.append(f"... ({len(names)} entries)")
+    return ", ".join(marked) or "nothing (the image is empty)"
+
+
+def _is_dir_at(dir_fd: int, name: str) -> bool:
+    return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
 
 
 def _remove_target(target: str) -> None:

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("none", "landmark", "all")
 MERGE_BYTES = 16 << 20
+MAX_FAILURES = 20  # per layer, before the background fill gives up
+RETRY_BASE = 1.0
+RETRY_CAP = 60.0
 
 
 def _groups(items: list[tuple[Entry, Piece]]) -> list[list[tuple[Entry, Piece]]]:
@@ -47,21 +50,41 @@ def prefetch(reader: LazyReader, mode: str, stop: threading.Event | None = None)
         first = [(e, p) for e, p in items if p.offset < toc.prefetch_end]
     else:
         first = []
-    rest = [] if mode == "landmark" else [(e, p) for e, p in items if (e, p) not in first]
+    first_ids = {id(p) for _e, p in first}
+    rest = [] if mode == "landmark" else [(e, p) for e, p in items if id(p) not in first_ids]
     fetched = 0
+    failures = 0
     for phase in (first, rest):
         for group in _groups([(e, p) for e, p in phase if not reader.cached(p)]):
-            while reader.demand > 0 and not (stop and stop.is_set()):
-                time.sleep(0.005)  # on-demand reads first
-            if stop is not None and stop.is_set():
-                return fetched
             start = group[0][1].offset
             end = max(p.end for _e, p in group)
-            try:
-                data = reader.fetch_range(start, end - start)
-            except (CsiOciError, OSError) as exc:
-                log.warning("prefetch of %s stopped at %d: %s", toc.format, start, exc)
-                return fetched
+            while True:
+                while reader.demand > 0 and not (stop and stop.is_set()):
+                    time.sleep(0.005)  # on-demand reads first
+                if stop is not None and stop.is_set():
+                    return fetched
+                try:
+                    data = reader.fetch_range(start, end - start)
+                    break
+                except (CsiOciError, OSError) as exc:
+                    # A flaky registry delays the background fill; it does not
+                    # end it (a complete layer is what makes reads local).
+                    failures += 1
+                    if failures > MAX_FAILURES:
+                        log.warning("prefetch of %s gave up at %d: %s", toc.format, start, exc)
+                        return fetched
+                    pause = min(RETRY_CAP, RETRY_BASE * 2 ** (failures - 1))
+                    log.warning(
+                        "prefetch of %s failed at %d (%s); again in %.0f s",
+                        toc.format,
+                        start,
+                        exc,
+                        pause,
+                    )
+                    if stop is not None and stop.wait(pause):
+                        return fetched
+                    if stop is None:
+                        time.sleep(pause)
             fetched += len(data)
             for entry, piece in group:
                 try:
