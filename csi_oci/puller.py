@@ -202,7 +202,8 @@ class Puller:
                 what = f" with include={','.join(include)}" if include else ""
                 raise FailedPrecondition(
                     f"image {ref} ({plat}){what} is not present on this node "
-                    "and pullPolicy is Never"
+                    "and pullPolicy is Never; use pullPolicy IfNotPresent, or pull it onto "
+                    "the node first (csi-oci pull)"
                 )
         client = RegistryClient(ref, credentials, config=self.registries.current())
         try:

@@ -206,3 +206,15 @@ def test_message_without_secrets_unchanged():
 )
 def test_is_secret_key(key, secret):
     assert is_secret_key(key) is secret
+
+
+def test_error_text_is_one_line_without_url_secrets():
+    from csi_oci.redact import one_line_text
+
+    text = (
+        "cannot fetch https://user:pa55@blobs.example/x?X-Amz-Signature=abc123&X-Amz-Date=1\n"
+        "  caused by: reset"
+    )
+    flat = one_line_text(text)
+    assert flat == "cannot fetch https://***@blobs.example/x?*** caused by: reset"
+    assert len(one_line_text("x" * 5000)) == 1000
