@@ -33,6 +33,9 @@ options of csi-oci): logging, state, registries, credentials, budgets.
 - --log-level={{ .Values.logging.level }}
 - --log-format={{ .Values.logging.format }}
 - --state-dir={{ .Values.stateDir }}
+# The memory-backed volume both node containers mount: credentials of lazy
+# images pass through it, never through disk.
+- --runtime-dir=/run/csi-oci
 {{- if include "csi-oci.hasRegistryConfig" . }}
 - --registry-config={{ include "csi-oci.registryConfigPath" . }}
 {{- end }}
