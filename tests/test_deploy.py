@@ -110,6 +110,7 @@ VALUE_SETS = {
         "controller": {"enabled": False},
         "csiDriver": {"create": False},
         "metrics": {"port": ""},
+        "runtimeDir": {"hostPath": ""},
     },
 }
 
@@ -339,7 +340,7 @@ def test_node_plugin_privileges_and_mounts(tmp_path, variant):
     assert vols["plugin-dir"]["hostPath"]["path"] == f"{kubelet_dir}/plugins/{driver_name}"
     assert vols["state-dir"]["hostPath"] == {"path": state_dir, "type": "DirectoryOrCreate"}
     assert vols["dev-fuse"]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
-    assert vols["runtime-dir"]["emptyDir"]["medium"] == "Memory"
+    assert vols["runtime-dir"]["hostPath"] == {"path": "/run/csi-oci", "type": "DirectoryOrCreate"}
 
     for name in ("csi-oci", "lazy-server"):
         c = container(pod, name)
@@ -402,6 +403,7 @@ def test_inline_lazy_server_drops_the_container_and_fuse_device(tmp_path):
         "liveness-probe",
     ]
     assert "dev-fuse" not in volumes(pod)
+    assert volumes(pod)["runtime-dir"]["emptyDir"]["medium"] == "Memory"
     driver = container(pod, "csi-oci")
     assert "--lazy-server=inline" in driver["args"]
     assert "--metrics-address=" in driver["args"]
