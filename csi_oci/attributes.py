@@ -14,7 +14,7 @@ import platform as _platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from csi_oci.errors import InvalidArgument, Unsupported
+from csi_oci.errors import InvalidArgument
 from csi_oci.reference import Reference, parse_reference
 
 KEY_IMAGE = "image"
@@ -210,8 +210,6 @@ def parse_volume_attributes(attrs: Mapping[str, str]) -> VolumeSpec:
     platform_text = attrs.get(KEY_PLATFORM, "").strip()
     plat = parse_platform(platform_text) if platform_text else node_platform()
     include = parse_include(attrs.get(KEY_INCLUDE, ""))
-    if mode is Mode.LAZY and include:
-        raise Unsupported("include is not supported with mode 'lazy' yet; use mode 'unpack'")
     prefetch = attrs.get(KEY_PREFETCH, "").strip() or "all"
     if prefetch not in PREFETCH_MODES:
         raise InvalidArgument(f"invalid prefetch {prefetch!r}: want none, landmark or all")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import socket
 import sys
@@ -27,6 +26,9 @@ from csi_oci.attributes import (
     parse_volume_attributes,
 )
 from csi_oci.errors import CsiOciError
+from csi_oci.lazyserver import serve_lazy
+from csi_oci.logs import LOG_FORMATS, setup_logging
+from csi_oci.metrics import DEFAULT_METRICS_ADDRESS
 from csi_oci.puller import Puller
 from csi_oci.server import NodeParts, NodeSettings, ServeOptions, build_node_parts, serve
 
@@ -46,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     for flags, kwargs in _global_options():
         p.add_argument(*flags, **kwargs)
-        common.add_argument(*flags, **{**kwargs, "default": argparse.SUPPRESS})
+        # The subcommand's copy has no default of its own (SUPPRESS), so its
+        # help must name the real default in words: %(default)s would crash --help.
+        help_text = str(kwargs.get("help", "")).replace("%(default)s", str(kwargs.get("default")))
+        common.add_argument(
+            *flags, **{**kwargs, "default": argparse.SUPPRESS, "help": help_text or None}
+        )
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kw: str) -> argparse.ArgumentParser:
@@ -67,6 +74,24 @@ def _parser() -> argparse.ArgumentParser:
         default=90.0,
         help="seconds NodePublishVolume waits for a pull before answering ABORTED "
         "with progress (kubelet's call budget is 120 s)",
+    )
+    s.add_argument(
+        "--metrics-address",
+        default=os.environ.get("CSI_OCI_METRICS_ADDRESS", DEFAULT_METRICS_ADDRESS),
+        help="[host]:port for Prometheus /metrics and the kubelet probe's /healthz "
+        "(default %(default)s; empty disables both)",
+    )
+    s.add_argument(
+        "--lazy-server",
+        choices=["inline", "external"],
+        default=os.environ.get("CSI_OCI_LAZY_SERVER", "inline"),
+        help="who runs the FUSE servers of lazy volumes: this process (inline) or a "
+        "`csi-oci lazy-server` in its own container (external, as the DaemonSet does)",
+    )
+    add(
+        "lazy-server",
+        help="run the FUSE servers of lazy volumes (the DaemonSet's lazy-server container): "
+        "starts them, restarts dead ones and binds their volumes again",
     )
 
     def add_volume_flags(sp: argparse.ArgumentParser) -> None:
@@ -113,6 +138,14 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, object]]]:
     env = os.environ.get
     return [
         (
+            ("--log-format",),
+            {
+                "default": env("CSI_OCI_LOG_FORMAT", "text"),
+                "choices": list(LOG_FORMATS),
+                "help": "text lines, or JSON lines (time, level, logger, message, rpc fields)",
+            },
+        ),
+        (
             ("--log-level",),
             {
                 "default": env("CSI_OCI_LOG_LEVEL", "info"),
@@ -125,6 +158,15 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, object]]]:
                 "type": Path,
                 "default": Path(env("CSI_OCI_STATE_DIR", DEFAULT_STATE_DIR)),
                 "help": "node cache and volume records (default %(default)s)",
+            },
+        ),
+        (
+            ("--runtime-dir",),
+            {
+                "type": Path,
+                "default": Path(env("CSI_OCI_RUNTIME_DIR", "/run/csi-oci")),
+                "help": "tmpfs directory for lazy images' registry credentials, shared with "
+                "the lazy-server (default /run/csi-oci)",
             },
         ),
         (
@@ -202,6 +244,8 @@ def node_settings(args: argparse.Namespace, publish_wait: float) -> NodeSettings
         blob_parallelism=args.blob_parallelism,
         cache_max_bytes=args.cache_max_bytes,
         cache_min_free_bytes=args.cache_min_free_bytes,
+        runtime_dir=args.runtime_dir,
+        lazy_external=getattr(args, "lazy_server", "inline") == "external",
     )
 
 
@@ -269,6 +313,8 @@ def _status(parts: NodeParts) -> dict[str, object]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "lazy-server":
+        return serve_lazy(args.state_dir, args.registry_config, args.runtime_dir)
     if args.command == "serve":
         return serve(
             ServeOptions(
@@ -277,6 +323,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.driver_name,
                 args.mode,
                 node_settings(args, args.publish_wait),
+                metrics_address=args.metrics_address,
             )
         )
     parts = build_node_parts(
@@ -349,11 +396,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level, args.log_format)
     try:
         return _run(args)
     except CsiOciError as exc:

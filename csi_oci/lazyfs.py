@@ -21,15 +21,18 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from csi_oci.attributes import include_matcher
 from csi_oci.errors import CsiOciError
 from csi_oci.lazy import LazyReader
 from csi_oci.lazy.toc import HIDDEN_ROOT_NAMES, Entry
+from csi_oci.metrics import LAZY_STATS_FILE, write_lazy_stats
 from csi_oci.transfer import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -59,13 +62,33 @@ class Node:
 class LazyTree:
     """The merged tree of several lazy layers (lowest first)."""
 
-    def __init__(self, layers: list[LazyReader]) -> None:
+    def __init__(
+        self, layers: list[LazyReader], include: Callable[[str], bool] | None = None
+    ) -> None:
         self._next_inode = pyfuse3.ROOT_INODE
         self.root = self._new(None, None)
         self.nodes: dict[int, Node] = {self.root.inode: self.root}
         for reader in layers:
             self._apply(reader)
+        if include is not None:
+            self._keep_only(self.root, "", include)
         self._count_links(self.root)
+
+    def _keep_only(self, node: Node, prefix: str, include: Callable[[str], bool]) -> bool:
+        """`include`: keep matching files and the directories leading to them.
+
+        The same rule as an unpacked partial pull (csi_oci.attributes); the
+        nodes that go are forgotten, so lookups of them are ENOENT.
+        """
+        for name, child in list(node.children.items()):
+            path = f"{prefix}{name}"
+            if self._is_dir(child):
+                keep = self._keep_only(child, f"{path}/", include)
+            else:
+                keep = include(path)
+            if not keep:
+                del node.children[name]
+        return bool(node.children)
 
     def _new(self, entry: Entry | None, reader: LazyReader | None) -> Node:
         node = Node(self._next_inode, entry, reader)
@@ -138,12 +161,12 @@ class ServedImage:
     """What a failed read is about, in the words of the operator's records."""
 
     reference: str = "-"
-    digest: str = ""
+    key: str = ""  # manifest digest, plus include set if any
     records_dir: str | None = None
 
     def volumes(self) -> str:
         """The volumes bound to this image (read when needed: they come and go)."""
-        if not self.records_dir or not self.digest:
+        if not self.records_dir or not self.key:
             return "-"
         found = []
         for path in sorted(Path(self.records_dir).glob("*.json")):
@@ -151,7 +174,7 @@ class ServedImage:
                 record = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(record, dict) and record.get("tree") == f"lazy:{self.digest}":
+            if isinstance(record, dict) and record.get("tree") == f"lazy:{self.key}":
                 found.append(str(record.get("volume_id")))
         return ",".join(found) or "-"
 
@@ -339,37 +362,129 @@ def main(argv: list[str] | None = None) -> int:
     from csi_oci.lazy import open_toc
 
     parser = argparse.ArgumentParser(prog="csi-oci-lazyfs")
-    parser.add_argument("mountpoint")
+    parser.add_argument("mountpoint", nargs="?")
     parser.add_argument("layers", nargs="?", help="local layer blobs (JSON list)")
     parser.add_argument("--registry-spec", help="serve an image's layers from its registry")
     parser.add_argument("--credentials", help="registry credentials (JSON, kept on tmpfs)")
+    parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="load everything, then wait for a job on stdin (one JSON line: mountpoint, "
+        "registry_spec, credentials, log); exit at end of input",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.standby:
+        job = _wait_for_job()
+        if job is None:
+            return 0  # whoever kept us in standby is gone
+        args.mountpoint = job["mountpoint"]
+        args.registry_spec = job["registry_spec"]
+        args.credentials = job.get("credentials")
+    if args.mountpoint is None:
+        parser.error("a mountpoint is needed")
     image = None
+    include = None
     if args.registry_spec:
         readers, prefetch_mode = registry_readers(args.registry_spec, args.credentials)
         spec = json.loads(open(args.registry_spec).read())
-        image = ServedImage(spec["reference"], spec.get("digest", ""), spec.get("records_dir"))
-        _start_prefetch(readers, prefetch_mode)
+        key = spec.get("key") or spec.get("digest", "")
+        image = ServedImage(spec["reference"], key, spec.get("records_dir"))
+        include = include_matcher(tuple(spec.get("include") or ()))
+        _start_prefetch(readers, prefetch_mode, include)
+        _start_stats(readers, image, Path(args.mountpoint).parent / LAZY_STATS_FILE)
+        # Who serves this image (a standby process's command line does not say).
+        (Path(args.mountpoint).parent / "server.pid").write_text(f"{os.getpid()}\n")
     else:
         readers = []
         for spec in json.loads(open(args.layers).read()):
             size, fetch = _file_fetch(spec["path"])
             toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)  # type: ignore[arg-type]
             readers.append(LazyReader(toc, fetch))  # type: ignore[arg-type]
-    serve(LazyTree(readers), args.mountpoint, image=image)
+    serve(LazyTree(readers, include), args.mountpoint, image=image)
     return 0
 
 
-def _start_prefetch(readers: list[LazyReader], mode: str) -> None:
+def _wait_for_job() -> dict[str, str] | None:
+    """Standby: pay Python's start-up and imports now, not when a pod is waiting.
+
+    A lazy publish then costs a pipe write instead of a process start
+    (about a third of a second on a small node). The job names the log the
+    server writes from then on.
+    """
+    import sys
+
+    import csi_oci.lazy.prefetch
+    import csi_oci.registry
+    import csi_oci.registry_config  # noqa: F401  (the imports are the point)
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    job = json.loads(line)
+    if job.get("log"):
+        fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    return job
+
+
+def _start_prefetch(
+    readers: list[LazyReader], mode: str, include: Callable[[str], bool] | None
+) -> None:
     import threading
 
     from csi_oci.lazy.prefetch import prefetch
 
     for reader in readers:
-        threading.Thread(target=prefetch, args=(reader, mode), name="prefetch", daemon=True).start()
+        threading.Thread(
+            target=prefetch,
+            args=(reader, mode),
+            kwargs={"wanted": include},
+            name="prefetch",
+            daemon=True,
+        ).start()
+
+
+STATS_SECONDS = 5.0
+
+
+def _start_stats(readers: list[LazyReader], image: ServedImage, path: Path) -> None:
+    """Write this server's totals for the gRPC server's /metrics (csi_oci.metrics)."""
+    import threading
+    import time
+
+    def totals() -> dict[str, object]:
+        def total(name: str) -> int:
+            return sum(int(getattr(r, name)) for r in readers)
+
+        return {
+            "image": image.reference,
+            "digest": image.key.split(".", 1)[0],
+            "read_bytes": total("read_bytes"),
+            "on_demand_fetched_bytes": total("fetched_bytes"),
+            "prefetch_fetched_bytes": total("prefetch_fetched_bytes"),
+            "cache_hits": total("cache_hits"),
+            "cache_misses": total("cache_misses"),
+            "fetch_errors": total("fetch_errors"),
+            "prefetch_done_bytes": total("prefetch_done_bytes"),
+            "prefetch_total_bytes": total("prefetch_total_bytes"),
+        }
+
+    def run() -> None:
+        while True:
+            try:
+                write_lazy_stats(path, totals())
+            except (OSError, ValueError) as exc:  # metrics must never stop reads
+                log.warning("could not write lazy stats to %s: %s", path, exc)
+            time.sleep(STATS_SECONDS)
+
+    threading.Thread(target=run, name="lazy-stats", daemon=True).start()
 
 
 def registry_readers(

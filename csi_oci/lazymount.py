@@ -38,6 +38,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,17 +77,20 @@ class LazyMounts:
         # Several drivers (tests, or two state dirs) may share the runtime dir.
         self._store_id = hashlib.sha256(str(store.root.resolve()).encode()).hexdigest()[:12]
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._standby: subprocess.Popen[bytes] | None = None
+        self._standby_lock = threading.Lock()
+        self._keep_standby = False
 
     # -- paths -----------------------------------------------------------------
 
-    def _dir(self, digest: str) -> Path:
-        return self.root / digest.partition(":")[2]
+    def _dir(self, key: str) -> Path:
+        return self.root / key.partition(":")[2]
 
-    def mountpoint(self, digest: str) -> Path:
-        return self._dir(digest) / "mnt"
+    def mountpoint(self, key: str) -> Path:
+        return self._dir(key) / "mnt"
 
-    def _credentials_path(self, digest: str) -> Path:
-        return self.runtime_dir / f"{self._store_id}-{digest.partition(':')[2]}.json"
+    def _credentials_path(self, key: str) -> Path:
+        return self.runtime_dir / f"{self._store_id}-{key.partition(':')[2]}.json"
 
     @property
     def chunk_cache(self) -> Path:
@@ -100,7 +104,7 @@ class LazyMounts:
     # -- desired state -----------------------------------------------------------
 
     def requested(self) -> list[str]:
-        """Digests of every image that should be served (has an image.json)."""
+        """Keys (digest, plus include set) of every image that should be served."""
         if not self.root.is_dir():
             return []
         return sorted(
@@ -111,18 +115,18 @@ class LazyMounts:
         self, resolved: ResolvedImage, credentials: Credentials | None, prefetch: str = "all"
     ) -> Path:
         """The image's FUSE mount point, starting its server if needed."""
-        digest = resolved.digest
-        if self.alive(digest):
-            return self.mountpoint(digest)
+        key = resolved.key  # the digest, plus the include set if any: one server each
+        if self.alive(key):
+            return self.mountpoint(key)
         image = self._image_spec(resolved, prefetch)
         if not fuse_available():
             raise FailedPrecondition("mode lazy needs /dev/fuse on the node")
-        self.mountpoint(digest).mkdir(parents=True, exist_ok=True)
-        self._save_credentials(digest, credentials)
-        write_json_atomic(self._dir(digest) / "image.json", image)
+        self.mountpoint(key).mkdir(parents=True, exist_ok=True)
+        self._save_credentials(key, credentials)
+        write_json_atomic(self._dir(key) / "image.json", image)
         if self.external:
-            return self._wait_for_lazy_server(digest, str(resolved.reference))
-        return self.start(digest)
+            return self._wait_for_lazy_server(key, str(resolved.reference))
+        return self.start(key)
 
     def _image_spec(self, resolved: ResolvedImage, prefetch: str) -> dict[str, object]:
         manifest = resolved.manifest
@@ -146,6 +150,8 @@ class LazyMounts:
             )
         return {
             "digest": resolved.digest,
+            "key": resolved.key,
+            "include": list(resolved.include),
             "reference": str(resolved.reference),
             "layers": layers,
             "registry_config": str(self.registry_config) if self.registry_config else None,
@@ -154,12 +160,13 @@ class LazyMounts:
             "prefetch": prefetch,
         }
 
-    def _save_credentials(self, digest: str, credentials: Credentials | None) -> None:
-        path = self._credentials_path(digest)
+    def _save_credentials(self, key: str, credentials: Credentials | None) -> None:
+        path = self._credentials_path(key)
         if credentials is None:
             path.unlink(missing_ok=True)
             return
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.runtime_dir, 0o700)  # also when kubelet made the hostPath 0755
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -168,13 +175,13 @@ class LazyMounts:
 
     # -- running servers -----------------------------------------------------------
 
-    def start(self, digest: str) -> Path:
+    def start(self, key: str) -> Path:
         """(Re)start the image's FUSE server from its desired state; the mount point."""
-        mnt = self.mountpoint(digest)
-        image = read_json(self._dir(digest) / "image.json")
+        mnt = self.mountpoint(key)
+        image = read_json(self._dir(key) / "image.json")
         if image is None:
-            raise MountError(f"{digest} is not requested to be served lazily")
-        old = self._children.pop(digest, None)
+            raise MountError(f"{key} is not requested to be served lazily")
+        old = self._children.pop(key, None)
         if old is not None and old.poll() is None:
             old.kill()
             old.wait()
@@ -182,20 +189,30 @@ class LazyMounts:
             mounts.unmount(mnt)  # a dead server's mount (ENOTCONN) is detached
         mnt.mkdir(parents=True, exist_ok=True)
         log_path = mnt.parent / "lazyfs.log"
-        command = [sys.executable, "-m", "csi_oci.lazyfs", str(mnt)]
-        command += ["--registry-spec", str(mnt.parent / "image.json")]
-        creds = self._credentials_path(digest)
-        if creds.exists():
-            command += ["--credentials", str(creds)]
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,  # outlives a restart of whoever started it
-            )
-        self._children[digest] = proc
+        creds = self._credentials_path(key)
+        job = {
+            "mountpoint": str(mnt),
+            "registry_spec": str(mnt.parent / "image.json"),
+            "credentials": str(creds) if creds.exists() else None,
+            "log": str(log_path),
+        }
+        proc = self._give_to_standby(job)
+        if proc is None:
+            command = [sys.executable, "-m", "csi_oci.lazyfs", job["mountpoint"]]
+            command += ["--registry-spec", job["registry_spec"]]
+            if job["credentials"]:
+                command += ["--credentials", job["credentials"]]
+            with open(log_path, "ab") as log_file:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,  # outlives a restart of whoever started it
+                )
+        self._children[key] = proc
+        if self._keep_standby:
+            self.prepare_standby()  # for the next image, while this one starts
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if mounts.is_mounted(mnt):
@@ -212,15 +229,55 @@ class LazyMounts:
             f"the lazy filesystem for {image['reference']} did not start: {_last_error(tail)}"
         )
 
+    def prepare_standby(self) -> None:
+        """Keep one FUSE server process started and loaded, waiting for an image.
+
+        Long-lived parents (the gRPC server, the lazy-server) call this once;
+        from then on every start hands its job to the waiting process and a
+        new one is prepared. Its stdin is a pipe from this process: when this
+        process dies, the standby sees end of input and exits.
+        """
+        self._keep_standby = True
+        if not fuse_available():
+            return
+        with self._standby_lock:
+            if self._standby is not None and self._standby.poll() is None:
+                return
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                with open(self.root / "standby.log", "ab") as log_file:
+                    self._standby = subprocess.Popen(
+                        [sys.executable, "-m", "csi_oci.lazyfs", "--standby"],
+                        stdin=subprocess.PIPE,
+                        stdout=log_file,
+                        stderr=log_file,
+                        start_new_session=True,
+                    )
+            except OSError as exc:  # lazy starts just cost a process start then
+                log.warning("no standby FUSE server: %s", exc)
+
+    def _give_to_standby(self, job: dict[str, str | None]) -> subprocess.Popen[bytes] | None:
+        with self._standby_lock:
+            proc, self._standby = self._standby, None
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            return None
+        try:
+            proc.stdin.write(json.dumps(job).encode() + b"\n")
+            proc.stdin.close()
+        except OSError:
+            proc.kill()
+            return None
+        return proc
+
     def reap(self) -> None:
         """Collect servers that exited (no zombies in a long-lived parent)."""
-        for digest, proc in list(self._children.items()):
+        for key, proc in list(self._children.items()):
             if proc.poll() is not None:
-                del self._children[digest]
+                del self._children[key]
 
-    def alive(self, digest: str) -> bool:
+    def alive(self, key: str) -> bool:
         """Mounted and answering (a dead server's mount gives ENOTCONN at once)."""
-        mnt = self.mountpoint(digest)
+        mnt = self.mountpoint(key)
         if not mounts.is_mounted(mnt):
             return False
         try:
@@ -231,40 +288,40 @@ class LazyMounts:
         except OSError:
             return False
 
-    def revive(self, digest: str) -> Path:
+    def revive(self, key: str) -> Path:
         """Restart the server of an image whose server died; the new mount point."""
-        image = read_json(self._dir(digest) / "image.json") or {}
+        image = read_json(self._dir(key) / "image.json") or {}
         log.warning("the lazy filesystem of %s died; starting it again", image.get("reference"))
-        return self.start(digest)
+        return self.start(key)
 
-    def release(self, digest: str) -> None:
+    def release(self, key: str) -> None:
         """Stop serving the image: forget its desired state, unmount (the server exits)."""
-        (self._dir(digest) / "image.json").unlink(missing_ok=True)
-        (self._dir(digest) / "error").unlink(missing_ok=True)
-        self._credentials_path(digest).unlink(missing_ok=True)
-        mnt = self.mountpoint(digest)
+        (self._dir(key) / "image.json").unlink(missing_ok=True)
+        (self._dir(key) / "error").unlink(missing_ok=True)
+        self._credentials_path(key).unlink(missing_ok=True)
+        mnt = self.mountpoint(key)
         if mounts.is_mounted(mnt):
             mounts.unmount(mnt)
-            log.info("stopped serving %s lazily", digest)
-        proc = self._children.pop(digest, None)
+            log.info("stopped serving %s lazily", key)
+        proc = self._children.pop(key, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
 
     # -- external mode ------------------------------------------------------------
 
-    def record_error(self, digest: str, message: str) -> None:
+    def record_error(self, key: str, message: str) -> None:
         """The lazy-server's answer to a failed start, for the waiting publish."""
-        write_json_atomic(self._dir(digest) / "error", {"message": message, "at": time.time()})
+        write_json_atomic(self._dir(key) / "error", {"message": message, "at": time.time()})
 
-    def _wait_for_lazy_server(self, digest: str, reference: str) -> Path:
-        error_path = self._dir(digest) / "error"
+    def _wait_for_lazy_server(self, key: str, reference: str) -> Path:
+        error_path = self._dir(key) / "error"
         error_path.unlink(missing_ok=True)
         deadline = time.monotonic() + START_TIMEOUT
         next_wake = 0.0
         while time.monotonic() < deadline:
-            if self.alive(digest):
-                return self.mountpoint(digest)
+            if self.alive(key):
+                return self.mountpoint(key)
             error = read_json(error_path)
             if error is not None:
                 raise MountError(str(error.get("message")))

@@ -116,6 +116,7 @@ class LazyServer:
             wake.bind(str(path))
             wake.setblocking(False)
             log.info("lazy-server watching %s", self.lazy.root)
+            self.lazy.prepare_standby()
             while not stop.is_set():
                 try:
                     self.reconcile()

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from csi_oci import metrics
 from csi_oci.applier import Limits
 from csi_oci.controller import ControllerService
 from csi_oci.credentials import NodeCredentials
@@ -31,7 +32,7 @@ from csi_oci.identity import IdentityService
 from csi_oci.lazymount import LazyMounts
 from csi_oci.node import NodeService
 from csi_oci.puller import Puller
-from csi_oci.redact import one_line
+from csi_oci.redact import one_line, one_line_text
 from csi_oci.registry_config import ConfigSource
 from csi_oci.store import Store
 from csi_oci.volumes import VolumeManager
@@ -64,6 +65,8 @@ class NodeSettings:
     blob_parallelism: int | None = None
     cache_max_bytes: int | None = None
     cache_min_free_bytes: int = 0
+    runtime_dir: Path | None = None  # tmpfs for lazy images' credentials
+    lazy_external: bool = False  # FUSE servers run by `csi-oci lazy-server`
 
 
 def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts:
@@ -85,7 +88,12 @@ def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts
         min_free_bytes=settings.cache_min_free_bytes,
     )
     puller = Puller(store, limits=Limits(max_bytes=settings.max_image_bytes), registries=registries)
-    lazy = LazyMounts(store, settings.registry_config)
+    lazy = LazyMounts(
+        store,
+        settings.registry_config,
+        runtime_dir=settings.runtime_dir,
+        external=settings.lazy_external,
+    )
     volumes = VolumeManager(store, puller, publish_wait=settings.publish_wait, lazy=lazy)
     node_credentials = NodeCredentials(list(settings.docker_config) or None)
     parts = NodeParts(store, puller, volumes, node_credentials, registries)
@@ -138,6 +146,26 @@ def remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
+def _rpc_fields(
+    method: str, code: grpc.StatusCode, elapsed: float, request: str, error: str | None
+) -> dict[str, object]:
+    """The RPC's fields as their own keys in JSON log lines (logs.py)."""
+    fields: dict[str, object] = {
+        "rpc": method,
+        "code": code.name,
+        "duration_seconds": round(elapsed, 3),
+        "request": request,
+    }
+    if error is not None:
+        fields["error"] = error
+    return fields
+
+
+def _count_rpc(method: str, code: grpc.StatusCode, elapsed: float) -> None:
+    metrics.RPCS.labels(method, code.name).inc()
+    metrics.RPC_DURATION.labels(method).observe(elapsed)
+
+
 class _RpcInterceptor(grpc.ServerInterceptor):
     def intercept_service(
         self,
@@ -159,24 +187,34 @@ class _RpcInterceptor(grpc.ServerInterceptor):
                 message = str(exc) if isinstance(exc, CsiOciError) else f"internal error: {exc!r}"
                 if isinstance(exc, NotImplementedError):
                     code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
+                # kubelet shows this as one pod event: one line, no URL secrets.
+                message = one_line_text(message)
+                elapsed = time.monotonic() - started
+                rendered = one_line(request)
                 level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
                 log.log(
                     level,
                     "rpc=%s code=%s duration=%.3fs error=%r request={%s}",
                     method,
                     code.name,
-                    time.monotonic() - started,
+                    elapsed,
                     message,
-                    one_line(request),
+                    rendered,
                     exc_info=code == grpc.StatusCode.INTERNAL,
+                    extra=_rpc_fields(method, code, elapsed, rendered, message),
                 )
+                _count_rpc(method, code, elapsed)
                 context.abort(code, message)
+            elapsed = time.monotonic() - started
+            rendered = one_line(request)
             log.info(
                 "rpc=%s code=OK duration=%.3fs request={%s}",
                 method,
-                time.monotonic() - started,
-                one_line(request),
+                elapsed,
+                rendered,
+                extra=_rpc_fields(method, grpc.StatusCode.OK, elapsed, rendered, None),
             )
+            _count_rpc(method, grpc.StatusCode.OK, elapsed)
             return response
 
         return grpc.unary_unary_rpc_method_handler(
@@ -193,6 +231,7 @@ class ServeOptions:
     driver_name: str
     mode: str  # node | controller | all
     node: NodeSettings
+    metrics_address: str = ""  # host:port of /metrics and /healthz; "" disables them
 
 
 def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
@@ -241,6 +280,34 @@ def _start_lazy_watchdog(parts: NodeParts) -> None:
     threading.Thread(target=run, name="lazy-watchdog", daemon=True).start()
 
 
+def _start_metrics(
+    opts: ServeOptions, socket_file: str, parts: NodeParts | None, serving: threading.Event
+) -> metrics.MetricsServer | None:
+    """/metrics and /healthz; a port that cannot be bound disables them, not the driver.
+
+    Volumes matter more than metrics: a port clash (hostNetwork) is logged
+    as an error and, with no /healthz, shows up as a failing kubelet probe.
+    """
+    if not opts.metrics_address:
+        return None
+    checks = [metrics.grpc_socket_check(socket_file, serving)]
+    if parts is not None:
+        checks.append(metrics.state_dir_check(parts.store))
+        metrics.REGISTRY.register(metrics.NodeCollector(parts.store, parts.volumes))
+    try:
+        metrics_server = metrics.MetricsServer(opts.metrics_address, checks)
+    except (OSError, ValueError) as exc:
+        logging.getLogger("csi_oci").error(
+            "metrics and /healthz are disabled: cannot listen on %s: %s", opts.metrics_address, exc
+        )
+        return None
+    metrics_server.start()
+    logging.getLogger("csi_oci").info(
+        "metrics on %s (port %d): /metrics, /healthz", opts.metrics_address, metrics_server.port
+    )
+    return metrics_server
+
+
 def serve(opts: ServeOptions) -> int:
     # Block SIGTERM/SIGINT before any thread exists, so every thread inherits
     # the mask and the main thread alone takes them, synchronously, with
@@ -256,8 +323,12 @@ def serve(opts: ServeOptions) -> int:
     server.add_insecure_port(f"unix://{path}")
     server.start()
     main_log = logging.getLogger("csi_oci")
-    if parts is not None:
-        _start_lazy_watchdog(parts)
+    serving = threading.Event()
+    serving.set()
+    metrics_server = _start_metrics(opts, path, parts, serving)
+    if parts is not None and not opts.node.lazy_external:
+        _start_lazy_watchdog(parts)  # else the lazy-server container watches them
+        parts.volumes.lazy.prepare_standby()  # type: ignore[union-attr]
     main_log.info(
         "csi-oci %s serving %s on %s (node %s, state %s)",
         opts.driver_name,
@@ -275,7 +346,10 @@ def serve(opts: ServeOptions) -> int:
     # rollouts. Should a graceful stop ever hang, print every thread's stack
     # (the diagnosis) and exit anyway.
     faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE, exit=True)
+    serving.clear()  # /healthz answers 503 from now on
     server.stop(grace=5).wait()
+    if metrics_server is not None:
+        metrics_server.stop()
     if parts is not None:
         try:
             parts.store.durable.flush()  # what a restart would otherwise re-check

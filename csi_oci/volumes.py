@@ -49,8 +49,14 @@ LOCK_STRIPES = 64
 
 @contextlib.contextmanager
 def _flock(path: Path, deadline: float | None) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"state directory {path.parent.parent.parent} is not writable ({exc.strerror}); "
+            "check the driver's hostPath volume and disk"
+        ) from None
     try:
         while True:
             try:
@@ -229,9 +235,9 @@ class VolumeManager:
         """auto picks lazy when every layer can be served lazily, and FUSE is here.
 
         An image already unpacked on this node (served from the local record,
-        no manifest at hand) stays unpacked; so does a partial pull (include).
+        no manifest at hand) stays unpacked.
         """
-        if self.lazy is None or spec.include or resolved.manifest is None:
+        if self.lazy is None or resolved.manifest is None:
             return False
         if self.store.image(resolved.key) is not None or not fuse_available():
             return False
@@ -255,12 +261,14 @@ class VolumeManager:
             policy = (
                 PullPolicy.ALWAYS if spec.pull_policy is not PullPolicy.NEVER else spec.pull_policy
             )
-            resolved = self._puller.resolve(spec.reference, spec.platform, policy, credentials)
+            resolved = self._puller.resolve(
+                spec.reference, spec.platform, policy, credentials, spec.include
+            )
         upstream = (
             credentials(spec.reference.registry, spec.reference.repository) if credentials else None
         )
         mnt = self.lazy.ensure(resolved, upstream, spec.prefetch)
-        return self._mount(volume_id, target, spec, resolved.digest, mnt, f"lazy:{resolved.digest}")
+        return self._mount(volume_id, target, spec, resolved.digest, mnt, f"lazy:{resolved.key}")
 
     def check_lazy(self) -> int:
         """Restart dead lazy servers and bind their volumes again; returns how many.

@@ -16,7 +16,7 @@ from csi_oci.attributes import (
     parse_platform,
     parse_volume_attributes,
 )
-from csi_oci.errors import CsiOciError, InvalidArgument, Unsupported
+from csi_oci.errors import InvalidArgument
 from csi_oci.reference import parse_reference
 
 D256 = "sha256:" + "c" * 64
@@ -141,12 +141,10 @@ def test_bad_mode(mode):
     assert repr(mode) in str(exc.value)
 
 
-def test_lazy_mode_is_accepted_but_not_with_include():
+def test_lazy_mode_takes_include():
     assert spec(image="busybox", mode="lazy").mode.value == "lazy"
-    with pytest.raises(Unsupported, match="not supported with mode 'lazy' yet") as exc:
-        spec(image="busybox", mode="lazy", include="*.json")
-    assert not isinstance(exc.value, InvalidArgument)
-    assert isinstance(exc.value, CsiOciError)
+    lazy = spec(image="busybox", mode="lazy", include="*.json")
+    assert lazy.include == ("*.json",) and lazy.canonical()["include"] == "*.json"
 
 
 @pytest.mark.parametrize("image", [None, "", "   "])

@@ -363,7 +363,6 @@ def test_node_plugin_privileges_and_mounts(tmp_path, variant):
     assert f"--state-dir={state_dir}" in driver_args
     lazy_args = container(pod, "lazy-server")["args"]
     assert lazy_args[0] == "lazy-server"
-    assert f"--kubelet-dir={kubelet_dir}" in lazy_args
     assert f"--state-dir={state_dir}" in lazy_args
 
     registrar = container(pod, "node-driver-registrar")
@@ -559,20 +558,4 @@ def test_manifest_flags_are_accepted_by_the_cli(tmp_path, variant):
     assert (parsed.command, parsed.mode) == ("serve", "controller")
 
     lazy_args = container(node_pod, "lazy-server")["args"]
-    if not _lazy_server_knows_kubelet_dir():
-        # Strict for everything else; this one flag is the agreed interface of
-        # the lazy server, being written at the same time as the chart.
-        others = [a for a in lazy_args if not a.startswith("--kubelet-dir")]
-        assert _parse_cli(others).command == "lazy-server"
-        pytest.xfail("`csi-oci lazy-server --kubelet-dir` is not in the CLI yet")
     assert _parse_cli(lazy_args).command == "lazy-server"
-
-
-def _lazy_server_knows_kubelet_dir() -> bool:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            csi_oci_cli_parser().parse_args(["lazy-server", "--kubelet-dir=/var/lib/kubelet"])
-        except SystemExit:
-            return False
-    return True

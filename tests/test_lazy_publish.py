@@ -67,6 +67,10 @@ def test_lazy_publish_reads_on_demand_and_survives_a_restart(registry, lazy_imag
         assert (target / "config.json").read_bytes() == FILES["models/config.json"]
         fetched = ranged_bytes(registry, "lazy/model") - before
         assert fetched < blob_size // 4, (fetched, blob_size)  # TOC + one small member
+        stats = lazy_stats(d.state_dir)  # what /metrics reports for the FUSE server
+        assert stats["read_bytes"] >= len(FILES["models/config.json"])
+        assert 0 < stats["on_demand_fetched_bytes"] <= fetched and stats["cache_misses"] >= 1
+        assert stats["image"] == ref and stats["prefetch_total_bytes"] == 0
         d.restart()  # the FUSE server is its own process: the volume keeps serving
         assert (target / "model.safetensors").read_bytes() == FILES["models/model.safetensors"]
         d.publish(target, attrs)  # idempotent
@@ -76,6 +80,20 @@ def test_lazy_publish_reads_on_demand_and_survives_a_restart(registry, lazy_imag
         assert lazy_mounts == [], "the last unpublish stops the image's FUSE server"
     finally:
         d.stop()
+
+
+def lazy_stats(state_dir, timeout=10.0):
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in (state_dir / "lazy").glob("*/stats.json"):
+            stats = json.loads(path.read_text())
+            if stats["read_bytes"] > 0:
+                return stats
+        assert time.monotonic() < deadline, "no lazy stats written"
+        time.sleep(0.2)
 
 
 def test_lazy_mode_refuses_layers_without_a_toc(registry, tmp_path):
@@ -106,13 +124,8 @@ def test_a_dead_fuse_server_fails_fast_and_is_restarted(registry, lazy_image, tm
     try:
         d.publish(target, {"image": ref, "mode": "lazy", "prefetch": "none"})
         assert (target / "README.md").read_bytes() == FILES["README.md"]
-        server = next(
-            int(pid)
-            for pid in os.listdir("/proc")
-            if pid.isdigit()
-            and b"csi_oci.lazyfs" in open(f"/proc/{pid}/cmdline", "rb").read()
-            and str(d.state_dir).encode() in open(f"/proc/{pid}/cmdline", "rb").read()
-        )
+        [pid_file] = (d.state_dir / "lazy").glob("*/server.pid")  # written by the server
+        server = int(pid_file.read_text())
         os.kill(server, signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(OSError) as info:  # no hang: the kernel aborts the connection
@@ -201,11 +214,63 @@ def test_auto_serves_lazy_images_lazily_and_others_unpacked(registry, lazy_image
         fs_of = {line.split(" ")[4]: line.split(" - ")[1].split(" ")[0] for line in info}
         assert fs_of[str(lazy_target)].startswith("fuse"), "eStargz with a TOC: served lazily"
         assert not fs_of[str(plain_target)].startswith("fuse"), "plain gzip layers: unpacked"
-        # include is not served lazily: auto falls back to unpacking
+        # with include too: a lazily served partial tree
         inc_target = target_in(tmp_path, "auto-include")
         d.publish(inc_target, {"image": ref, "include": "*.json"}, volume_id="c")
+        assert sorted(os.listdir(inc_target)) == ["models"]
         assert sorted(os.listdir(inc_target / "models")) == ["config.json"]
+        info = open("/proc/self/mountinfo").read().splitlines()
+        fs_of = {line.split(" ")[4]: line.split(" - ")[1].split(" ")[0] for line in info}
+        assert fs_of[str(inc_target)].startswith("fuse")
         for vid, t in (("a", lazy_target), ("b", plain_target), ("c", inc_target)):
             d.unpublish(t, volume_id=vid)
     finally:
         d.stop()
+
+
+def test_lazy_include_serves_and_fetches_only_matching_files(registry, lazy_image, tmp_path):
+    ref, blob_size = lazy_image
+    d = Driver(tmp_path / "drv")
+    target, whole = target_in(tmp_path, "inc"), target_in(tmp_path, "whole")
+    try:
+        before = ranged_bytes(registry, "lazy/model")
+        attrs = {"image": ref, "mode": "lazy", "include": "*.json,README.md", "prefetch": "all"}
+        d.publish(target, attrs)
+        assert sorted(os.listdir(target)) == ["README.md", "models"]
+        assert os.listdir(target / "models") == ["config.json"]
+        assert not (target / "models" / "model.safetensors").exists()
+        assert (target / "models" / "config.json").read_bytes() == FILES["models/config.json"]
+        lazy_dir = d.state_dir / "lazy"
+        assert wait_for_prefetch(lazy_dir)
+        fetched = ranged_bytes(registry, "lazy/model") - before
+        # prefetch all of an include set: its files, never the 12 MB weights
+        assert fetched < len(FILES["models/model.safetensors"]) // 4, (fetched, blob_size)
+        # the same image without include is another tree, served by another server
+        d.publish(whole, {"image": ref, "mode": "lazy", "prefetch": "none"}, volume_id="w")
+        assert (whole / "models" / "model.safetensors").read_bytes() == FILES[
+            "models/model.safetensors"
+        ]
+        assert len(list(lazy_dir.glob("*/image.json"))) == 2
+        d.publish(
+            target_in(tmp_path, "sub"),
+            {**attrs, "subPath": "models"},
+            volume_id="s",
+        )
+        assert os.listdir(target_in(tmp_path, "sub")) == ["config.json"]
+        for vid, t in (("vol-1", target), ("w", whole), ("s", target_in(tmp_path, "sub"))):
+            d.unpublish(t, volume_id=vid)
+        assert [line for line in open("/proc/self/mountinfo") if str(d.state_dir) in line] == []
+    finally:
+        d.stop()
+
+
+def wait_for_prefetch(lazy_dir, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = "".join(p.read_text() for p in lazy_dir.glob("*/lazyfs.log"))
+        if "prefetch (all)" in logs:
+            return True
+        time.sleep(0.1)
+    return False

@@ -88,8 +88,17 @@ class LazyReader:
         self._limit = cache_pieces
         self._lock = threading.Lock()
         self._cache_dir = cache_dir
-        self.fetched_bytes = 0
         self.demand = 0  # on-demand reads in progress (prefetch yields to them)
+        # Totals for the metrics (csi_oci.metrics lazy stats); plain ints:
+        # a lost increment under a race costs a count, never correctness.
+        self.fetched_bytes = 0  # compressed bytes fetched for on-demand reads
+        self.read_bytes = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.fetch_errors = 0
+        self.prefetch_fetched_bytes = 0
+        self.prefetch_done_bytes = 0
+        self.prefetch_total_bytes = 0
 
     def entry(self, name: str) -> Entry:
         entry = self.toc.entries.get(name)
@@ -105,9 +114,13 @@ class LazyReader:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
+                self.cache_hits += 1
                 return cached
         data = self._from_disk(piece)
-        if data is None:
+        if data is not None:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
             compressed = b"" if piece.zeros else self._fetch(piece.offset, piece.end - piece.offset)
             self.fetched_bytes += len(compressed)
             data = self.decode(entry, piece, compressed)
@@ -174,7 +187,13 @@ class LazyReader:
         with self._lock:
             self.demand += 1
         try:
-            return self._read(entry, offset, length)
+            data = self._read(entry, offset, length)
+        except (CsiOciError, OSError):
+            self.fetch_errors += 1
+            raise
+        else:
+            self.read_bytes += len(data)
+            return data
         finally:
             with self._lock:
                 self.demand -= 1

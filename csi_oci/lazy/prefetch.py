@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from csi_oci.errors import CsiOciError
 from csi_oci.lazy import LazyReader
@@ -40,12 +41,26 @@ def _groups(items: list[tuple[Entry, Piece]]) -> list[list[tuple[Entry, Piece]]]
     return groups
 
 
-def prefetch(reader: LazyReader, mode: str, stop: threading.Event | None = None) -> int:
-    """Cache the layer's pieces per `mode`; returns the compressed bytes fetched."""
+def prefetch(
+    reader: LazyReader,
+    mode: str,
+    stop: threading.Event | None = None,
+    wanted: Callable[[str], bool] | None = None,
+) -> int:
+    """Cache the layer's pieces per `mode`; returns the compressed bytes fetched.
+
+    `wanted`: only files it accepts (a volume's include set) are fetched.
+    """
     if mode == "none":
         return 0
     toc = reader.toc
-    items = [(e, p) for e in toc.entries.values() for p in e.pieces if not p.zeros]
+    items = [
+        (e, p)
+        for e in toc.entries.values()
+        if wanted is None or wanted(e.name)
+        for p in e.pieces
+        if not p.zeros
+    ]
     if toc.prefetch_end is not None:
         first = [(e, p) for e, p in items if p.offset < toc.prefetch_end]
     else:
@@ -54,6 +69,9 @@ def prefetch(reader: LazyReader, mode: str, stop: threading.Event | None = None)
     rest = [] if mode == "landmark" else [(e, p) for e, p in items if id(p) not in first_ids]
     fetched = 0
     failures = 0
+    planned = first + rest
+    reader.prefetch_total_bytes = sum(p.end - p.offset for _e, p in planned)
+    reader.prefetch_done_bytes = sum(p.end - p.offset for _e, p in planned if reader.cached(p))
     for phase in (first, rest):
         for group in _groups([(e, p) for e, p in phase if not reader.cached(p)]):
             start = group[0][1].offset
@@ -86,6 +104,7 @@ def prefetch(reader: LazyReader, mode: str, stop: threading.Event | None = None)
                     if stop is None:
                         time.sleep(pause)
             fetched += len(data)
+            reader.prefetch_fetched_bytes += len(data)
             for entry, piece in group:
                 try:
                     piece_bytes = reader.decode(
@@ -95,5 +114,6 @@ def prefetch(reader: LazyReader, mode: str, stop: threading.Event | None = None)
                     log.error("prefetch: %s", exc)  # not cached; an on-demand read will say so
                     continue
                 reader.store_piece(entry, piece, piece_bytes)
+                reader.prefetch_done_bytes += piece.end - piece.offset
     log.info("prefetch (%s) of a %s layer done: %d bytes fetched", mode, toc.format, fetched)
     return fetched
