@@ -107,6 +107,31 @@ def test_estargz_reading_one_small_file_fetches_a_small_part(workdir):
     assert reader.fetched_bytes < 64 * 1024, "one small file costs one small member"
 
 
+def test_a_read_over_many_chunks_is_one_range_request(workdir, tmp_path):
+    blob = estargz_blob(TAR, workdir / "small-chunks", chunk_size=64 * 1024)
+    data = blob.blob
+    requests = []
+
+    def fetch(offset, length):
+        requests.append((offset, length))
+        return data[offset : offset + length]
+
+    toc = open_toc(blob.media_type, blob.annotations, len(data), fetch)
+    name = "models/model-00001-of-00002.safetensors"
+    reader = LazyReader(toc, fetch, cache_dir=tmp_path / "pieces")
+    requests.clear()
+    got = reader.read(name, 100_000, 1 << 20)  # about 17 chunks of 64 KiB
+    assert got == FILES[name][100_000 : 100_000 + (1 << 20)]
+    assert len(requests) == 1, requests
+    assert reader.cache_misses >= 16 and len(list((tmp_path / "pieces").iterdir())) >= 16
+    requests.clear()
+    assert reader.read(name, 100_000, 1 << 20) == got and requests == []  # all cached now
+    # pieces already cached split the runs: only the gaps are fetched
+    fresh = LazyReader(toc, fetch, cache_dir=tmp_path / "pieces")
+    assert fresh.read(name, 0, 2 << 20) == FILES[name][: 2 << 20]
+    assert len(requests) == 2, requests  # before and after the cached stretch
+
+
 def test_estargz_legacy_47_byte_footer(workdir):
     blob = estargz_blob(TAR, workdir / "legacy")
     toc_offset, size = parse_footer(blob.blob)

@@ -131,6 +131,42 @@ class LazyReader:
                 self._cache.popitem(last=False)
         return data
 
+    def _fetch_adjacent_together(self, entry: Entry, pieces: list[Piece]) -> None:
+        """One range request for each run of missing pieces that touch in the blob.
+
+        A read spanning many small chunks (zstd:chunked's rolling chunks are
+        often tens of KiB) would otherwise cost a round trip per chunk.
+        """
+        with self._lock:
+            missing = [
+                p
+                for p in pieces
+                if not p.zeros
+                and (p.offset, p.inner_offset, p.size) not in self._cache
+                and not self.cached(p)
+            ]
+        runs: list[list[Piece]] = []
+        for piece in missing:
+            if runs and piece.offset <= runs[-1][-1].end and piece.offset >= runs[-1][0].offset:
+                runs[-1].append(piece)
+            else:
+                runs.append([piece])
+        for run in runs:
+            if len(run) < 2:
+                continue  # piece() fetches it alone
+            start, end = run[0].offset, max(p.end for p in run)
+            compressed = self._fetch(start, end - start)
+            self.fetched_bytes += len(compressed)
+            for piece in run:
+                self.cache_misses += 1
+                span = compressed[piece.offset - start : piece.end - start]
+                data = self.decode(entry, piece, span)
+                self._to_disk(piece, data)
+                with self._lock:
+                    self._cache[(piece.offset, piece.inner_offset, piece.size)] = data
+                    while len(self._cache) > self._limit:
+                        self._cache.popitem(last=False)
+
     def decode(self, entry: Entry, piece: Piece, compressed: bytes) -> bytes:
         """Decompress and verify one piece (IntegrityError if it does not match)."""
         if self.toc.compression == "gzip":
@@ -199,8 +235,11 @@ class LazyReader:
                 self.demand -= 1
 
     def _read(self, entry: Entry, offset: int, length: int) -> bytes:
+        pieces = entry.pieces_for(offset, length)
+        if len(pieces) > 1:
+            self._fetch_adjacent_together(entry, pieces)
         out = bytearray()
-        for piece in entry.pieces_for(offset, length):
+        for piece in pieces:
             data = self.piece(entry, piece)
             start = max(offset, piece.chunk_offset) - piece.chunk_offset
             stop = min(offset + length, piece.chunk_offset + piece.size) - piece.chunk_offset
