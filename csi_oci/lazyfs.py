@@ -33,6 +33,7 @@ from csi_oci.errors import CsiOciError
 from csi_oci.lazy import LazyReader
 from csi_oci.lazy.toc import HIDDEN_ROOT_NAMES, Entry
 from csi_oci.metrics import LAZY_STATS_FILE, write_lazy_stats
+from csi_oci.store import read_json
 from csi_oci.transfer import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,7 @@ class ServedImage:
             return "-"
         found = []
         for path in sorted(Path(self.records_dir).glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
+            record = read_json(path)  # the volume records of csi_oci.volumes
             if isinstance(record, dict) and record.get("tree") == f"lazy:{self.key}":
                 found.append(str(record.get("volume_id")))
         return ",".join(found) or "-"

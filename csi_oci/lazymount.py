@@ -277,16 +277,7 @@ class LazyMounts:
 
     def alive(self, key: str) -> bool:
         """Mounted and answering (a dead server's mount gives ENOTCONN at once)."""
-        mnt = self.mountpoint(key)
-        if not mounts.is_mounted(mnt):
-            return False
-        try:
-            # statfs always reaches the server; stat may be answered from the
-            # kernel's attribute cache (timeouts are long: content is immutable).
-            os.statvfs(mnt)
-            return True
-        except OSError:
-            return False
+        return mounts.is_answering(self.mountpoint(key))
 
     def revive(self, key: str) -> Path:
         """Restart the server of an image whose server died; the new mount point."""

@@ -94,6 +94,19 @@ def is_mounted(path: str | Path) -> bool:
     return bool(mounts_at(path))
 
 
+def is_answering(path: str | Path) -> bool:
+    """Mounted and served: a FUSE mount (or a bind of one) whose server died
+    fails statfs at once with ENOTCONN. statfs always reaches the server,
+    where stat may be answered from the kernel's attribute cache."""
+    if not is_mounted(path):
+        return False
+    try:
+        os.statvfs(path)
+        return True
+    except OSError:
+        return False
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()

@@ -308,8 +308,10 @@ class VolumeManager:
                 continue
             with self._target_lock(rec.target_path):
                 current = self.load(rec.target_path)
-                if current is None or current.tree != rec.tree or _healthy(rec.target_path):
-                    continue
+                if current is None or current.tree != rec.tree:
+                    continue  # unpublished, or published again, meanwhile
+                if mounts.is_answering(rec.target_path):
+                    continue  # rebound already, or never broken
                 mounts.unmount(rec.target_path)  # the stale bind
                 spec = parse_volume_attributes(rec.spec)
                 root_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -393,17 +395,6 @@ class VolumeManager:
             if rec is not None and rec.tree.startswith("lazy:") and self.lazy is not None:
                 if rec.tree not in self.refcounts():
                     self.lazy.release(rec.tree.removeprefix("lazy:"))
-
-
-def _healthy(target: str) -> bool:
-    """Mounted and answering: statfs reaches the FUSE server behind a bind."""
-    if not mounts.is_mounted(target):
-        return False
-    try:
-        os.statvfs(target)
-        return True
-    except OSError:
-        return False
 
 
 def _make_target_dir(target: str) -> bool:
