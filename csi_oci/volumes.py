@@ -98,7 +98,9 @@ class VolumeManager:
         self.lazy = lazy
         self.publish_wait = publish_wait
         self.records = store.root / "volumes"
-        self._locks: dict[str, threading.Lock] = {}
+        # target -> (its lock, threads holding or waiting for it); an entry
+        # goes when its last user does, or every pod ever seen would stay.
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
         self._locks_guard = threading.Lock()
         if puller is not None:  # the lazy-server reads records only
             puller.in_use = self.in_use
@@ -179,17 +181,34 @@ class VolumeManager:
         The cross-process part is an flock on one of LOCK_STRIPES files, picked
         by the target's hash: bounded on disk however many pods come and go.
         """
-        with self._locks_guard:
-            lock = self._locks.setdefault(target, threading.Lock())
-        timeout = None if math.isinf(self.publish_wait) else self.publish_wait
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise PullInProgress(f"another operation on {target} is still in progress; retry")
+        lock = self._use_lock(target)
         try:
-            with _flock(self._stripe(target), deadline):
-                yield
+            timeout = None if math.isinf(self.publish_wait) else self.publish_wait
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not lock.acquire(timeout=-1 if timeout is None else timeout):
+                raise PullInProgress(f"another operation on {target} is still in progress; retry")
+            try:
+                with _flock(self._stripe(target), deadline):
+                    yield
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            self._unuse_lock(target)
+
+    def _use_lock(self, target: str) -> threading.Lock:
+        with self._locks_guard:
+            lock, users = self._locks.get(target) or (threading.Lock(), 0)
+            self._locks[target] = (lock, users + 1)
+            return lock
+
+    def _unuse_lock(self, target: str) -> None:
+        """Forget the target's lock once no thread holds or waits for it."""
+        with self._locks_guard:
+            lock, users = self._locks[target]
+            if users > 1:
+                self._locks[target] = (lock, users - 1)
+            else:
+                del self._locks[target]
 
     def _stripe(self, target: str) -> Path:
         stripe = hashlib.sha256(target.encode()).digest()[0] % LOCK_STRIPES
