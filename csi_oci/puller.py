@@ -246,9 +246,14 @@ class Puller:
         with self._lock:
             job = self._jobs.get(resolved.key)
             if job is not None and job.done.is_set():
-                # A finished job is never reused: after a success the tree is in
-                # the store; after a failure the retry must look at the registry
-                # again (the blob may have been fixed), not replay the old error.
+                # A success whose tree is still in the store is the answer: the
+                # caller looked for the tree just before that job committed it
+                # (without this, publishes at once could pull the image twice).
+                # A failure is never replayed: the retry must look at the
+                # registry again (the blob may have been fixed). An evicted
+                # tree is pulled again.
+                if job.error is None and self.store.image(resolved.key) is not None:
+                    return job
                 job = None
             if job is None:
                 if resolved.manifest is None or resolved.client is None:
