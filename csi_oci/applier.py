@@ -31,12 +31,12 @@ import shutil
 import stat
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from csi_oci.errors import InvalidLayer, OutOfSpace, human_bytes
 from csi_oci.faults import crash_point
-from csi_oci.streams import CHUNK, Readable
+from csi_oci.streams import CHUNK, Readable, TarSource
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ class _LayerRun:
 
     def run(self, stream: Readable) -> None:
         with tarfile.open(  # type: ignore[call-overload]
-            fileobj=stream, mode="r|", bufsize=CHUNK, tarinfo=_StrictTarInfo
+            fileobj=TarSource(stream), mode="r:", tarinfo=_StrictTarInfo
         ) as tf:
             for member in tf:
                 self._apply_member(tf, member)
@@ -487,23 +487,32 @@ class _LayerRun:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, flags, 0o600, dir_fd=parent)
         try:
-            src = tf.extractfile(m)
             written = 0
-            if src is not None:
-                while True:
-                    chunk = src.read(CHUNK)
-                    if not chunk:
-                        break
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    written += len(chunk)
+            for chunk in self._contents(tf, m):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                written += len(chunk)
             if written != m.size:
                 raise InvalidLayer(f"{self.what}: entry {m.name!r} is truncated")
             self.stats.bytes += written
             self._meta_fd(fd, m)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _contents(tf: tarfile.TarFile, m: tarfile.TarInfo) -> Iterator[memoryview | bytes]:
+        """A regular file's bytes: straight from the stream (no copy), or
+        through tarfile for GNU sparse files, whose holes it fills in."""
+        source = tf.fileobj
+        if m.sparse is None and isinstance(source, TarSource):
+            if source.tell() != m.offset_data:
+                raise InvalidLayer(f"entry {m.name!r}: data does not follow its header")
+            yield from source.take(m.size)
+            return
+        src = tf.extractfile(m)
+        while src is not None and (chunk := src.read(CHUNK)):
+            yield chunk
 
     def _dir(self, m: tarfile.TarInfo, parts: list[str]) -> None:
         parent, name = self._prepare(parts, keep_dir=True)

@@ -55,6 +55,7 @@ from csi_oci.manifest import (
     select_platform,
 )
 from csi_oci.packaging import Kind, LayerPlan, Plan, plan_for
+from csi_oci.readahead import ReadAhead
 from csi_oci.reference import Reference
 from csi_oci.registry import CredentialLookup, RegistryClient
 from csi_oci.registry_config import ConfigSource
@@ -68,7 +69,13 @@ log = logging.getLogger(__name__)
 DOWNLOAD_WORKERS = max(3, min(8, (os.cpu_count() or 2) + 1))
 RAW_FILE_MODE = 0o644
 RAW_READ_SIZE = 4 << 20  # per read of a raw blob: large writes, few GIL round trips
-MAX_TRAILING_BYTES = 16 << 20  # padding after a tar's end marker (records are 10 KiB)
+# Layers up to this size are downloaded ahead of their turn into a verified
+# spool file, hiding a request's latency per layer (images of many small
+# layers); bigger ones stream when their turn comes, through parallel ranges,
+# without a second pass over their bytes.
+SPOOL_AHEAD_MAX = 64 << 20
+MAX_TRAILING_BYTES = 16 << 20  # padding after a tar end marker (records are 10 KiB)
+FREE_PADDING = 2 * 10240  # a tar record (blocking factor 20) and the second zero block
 
 
 @dataclass
@@ -508,19 +515,22 @@ class Puller:
                 # Reserve the space up front: a full disk fails before the download.
                 os.posix_fallocate(fd, 0, lp.desc.size)
             stream = client.blob_stream(lp.desc, what)
-            buf = memoryview(bytearray(RAW_READ_SIZE))
+            # Receiving and hashing on one thread, writing on this one.
+            reader = ReadAhead(
+                VerifyingReader(stream, lp.desc.digest, lp.desc.size, what, job.progress.add),
+                "raw-fetch",
+                chunk=RAW_READ_SIZE,
+            )
             try:
-                reader = VerifyingReader(
-                    stream, lp.desc.digest, lp.desc.size, what, job.progress.add
-                )
-                while n := reader.readinto(buf):
+                while data := reader.read():
                     if cancel.is_set():
                         raise CsiOciError("pull cancelled: another layer failed")
-                    view = buf[:n]
+                    view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view) :]
             finally:
                 stream.close()
+                reader.close()
             os.fchmod(fd, RAW_FILE_MODE)
             os.close(fd)
             fd = -1
@@ -602,55 +612,66 @@ def _may_match(lp: LayerPlan, select: Callable[[str], bool] | None) -> bool:
 def _apply_tar(
     applier: LayerApplier, lp: LayerPlan, source: Readable, verified: bool, what: str
 ) -> None:
-    """Verify (digest, diff_id), decompress and apply one tar layer."""
+    """Verify (digest, diff_id), decompress and apply one tar layer.
+
+    Three stages on their own threads, so they use both cores: receive and
+    hash the blob; inflate and hash the diff; parse the tar and write files.
+    """
     blob = source if verified else VerifyingReader(source, lp.desc.digest, lp.desc.size, what)
-    diff_reader = None
+    stages = [ReadAhead(blob, "layer-fetch")]
     if lp.compression == Compression.NONE:
         if lp.diff_id is not None and lp.diff_id != lp.desc.digest:
             raise IntegrityError(f"{what}: uncompressed layer but its diff_id is {lp.diff_id}")
-        tar_stream: Readable = blob
     else:
-        stream = decompressor(blob, lp.compression, what)
+        stream = decompressor(stages[0], lp.compression, what)
         if lp.diff_id is not None:
-            diff_reader = VerifyingReader(
-                stream, lp.diff_id, None, f"{what} (uncompressed, diff_id)"
-            )
-            tar_stream = diff_reader
-        else:
-            tar_stream = stream
+            stream = VerifyingReader(stream, lp.diff_id, None, f"{what} (uncompressed, diff_id)")
+        stages.append(ReadAhead(stream, "layer-inflate"))
+    tar_stream = stages[-1]
+    stats = None
     try:
-        stats = applier.apply(tar_stream, what)
-    except InvalidLayer:
-        if isinstance(blob, VerifyingReader) and not blob.verified:
-            # Undecodable bytes are most often wrong bytes: finish hashing so the
-            # error names the digest mismatch when that is the cause.
-            blob.drain()
-        raise
-    # Bytes after the end-of-archive marker are still hashed (they are part of
-    # the digest), but only padding belongs there: cap it, and count it.
-    if diff_reader is not None:
-        trailing = diff_reader.drain(limit=MAX_TRAILING_BYTES)
-    elif tar_stream is not blob:
-        trailing = _drain(tar_stream)
-    else:
-        trailing = 0
-    if trailing > MAX_TRAILING_BYTES:
-        raise InvalidLayer(
-            f"{what}: {trailing} bytes after the tar end-of-archive marker "
-            f"(at most {MAX_TRAILING_BYTES} of padding allowed)"
+        try:
+            stats = applier.apply(tar_stream, what)
+        except InvalidLayer:
+            if not verified:
+                # Undecodable bytes are most often wrong bytes: finish hashing so
+                # the error names the digest mismatch when that is the cause.
+                with contextlib.suppress(InvalidLayer):
+                    _drain(stages[0], None)
+            raise
+        # Bytes after the end-of-archive marker are still hashed (they are part
+        # of the digest), but only padding belongs there: cap what inflates,
+        # and count it (an uncompressed layer's are bounded by its descriptor).
+        # Reading the last stage to its end also ends (and so verifies) the
+        # stages before it.
+        if len(stages) == 1:
+            _drain(tar_stream, None)
+            return
+        trailing = _drain(tar_stream, MAX_TRAILING_BYTES)
+        if trailing > MAX_TRAILING_BYTES:
+            raise InvalidLayer(
+                f"{what}: {trailing} bytes after the tar end-of-archive marker "
+                f"(at most {MAX_TRAILING_BYTES} of padding allowed)"
+            )
+        # Writers pad to a 10 KiB record: that much is free, as it was when
+        # tarfile's own read buffer swallowed it.
+        applier.charge_bytes(
+            max(0, trailing - FREE_PADDING), f"{what}: padding after the end of the archive"
         )
-    applier.charge_bytes(trailing, f"{what}: padding after the end of the archive")
-    if isinstance(blob, VerifyingReader):
-        blob.drain()
-    if stats.skipped_special:
-        log.info("%s: skipped %d device nodes/FIFOs", what, len(stats.skipped_special))
+        _drain(stages[0], None)
+    finally:
+        for stage in reversed(stages):
+            stage.close()
+        if stats is not None and stats.skipped_special:
+            log.info("%s: skipped %d device nodes/FIFOs", what, len(stats.skipped_special))
 
 
-def _drain(stream: Readable) -> int:
+def _drain(stream: Readable, limit: int | None) -> int:
+    """Read to the end; how many bytes that was (stops once past `limit`)."""
     total = 0
-    while chunk := stream.read(CHUNK):
+    while chunk := stream.read(4 * CHUNK):
         total += len(chunk)
-        if total > MAX_TRAILING_BYTES:
+        if limit is not None and total > limit:
             break  # the caller refuses the layer; stop inflating
     return total
 
@@ -785,6 +806,8 @@ class _LayerPipeline:
             if self._stop:
                 return None
             for index in range(self._applying + 1, len(self._layers)):
+                if self._layers[index].desc.size > SPOOL_AHEAD_MAX:
+                    continue  # streamed in its turn: no second pass over big blobs
                 if not self._claimed[index]:
                     self._claimed[index] = True
                     fut: Future[Path] = Future()

@@ -62,7 +62,6 @@ from csi_oci.transfer import (
     TransientError,
     Unreachable,
     parse_retry_after,
-    read_via_readinto,
 )
 
 log = logging.getLogger(__name__)
@@ -625,8 +624,21 @@ class _FallbackParallel:
         self._pos += n
         return n
 
-    def read(self, n: int = -1, /) -> bytes:
-        return read_via_readinto(self.readinto, n if n and n > 0 else 1 << 22)
+    def read(self, n: int = -1, /) -> memoryview | bytes:
+        """Up to `n` bytes; from the parallel ranges, a view of their buffer (no copy)."""
+        if self._fallback is not None:
+            return self._fallback.read(n)
+        assert self._parallel is not None
+        try:
+            data = self._parallel.read(n)
+        except RangeIgnored:
+            log.info("server ignores Range: fetching the rest of the blob as one stream")
+            self._parallel.close()
+            self._parallel = None
+            self._fallback = self._sequential_factory(self._pos)
+            return self._fallback.read(n)
+        self._pos += len(data)
+        return data
 
     def close(self) -> None:
         if self._parallel is not None:

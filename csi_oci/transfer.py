@@ -103,19 +103,6 @@ def parse_retry_after(value: str | None) -> float | None:
             return None
 
 
-def read_via_readinto(readinto: Callable[[bytearray], int], n: int) -> bytes:
-    """`read(n)` for a stream that fills buffers: a bytearray, no extra copy.
-
-    Every consumer (hashlib, zlib, zstandard, tarfile, os.write) takes
-    bytes-like objects, and on multi-GiB blobs the copy `bytes()` would make
-    costs as much as the hashing.
-    """
-    buf = bytearray(n)
-    got = readinto(buf) if n > 0 else 0
-    del buf[got:]  # in place, no copy
-    return buf  # type: ignore[return-value]
-
-
 def body_of(resp: requests.Response) -> Any:
     """The body as a file object with `readinto`, without extra copies.
 
@@ -193,8 +180,30 @@ class ResumableStream:
         return total
 
     def read(self, n: int = -1, /) -> bytes:
-        size = self.end - self.pos if n is None or n < 0 else n
-        return read_via_readinto(self.readinto, max(0, min(size, 1 << 22, self.end - self.pos)))
+        """Up to `n` bytes (4 MiB at most), resuming as needed.
+
+        http.client's `read(n)` fills a new, uninitialised bytes object
+        straight from the socket; `readinto` a fresh bytearray would first
+        zero it, which on multi-GiB blobs costs a visible share of a core.
+        """
+        want = min(self.end - self.pos if n is None or n < 0 else n, 1 << 22, self.end - self.pos)
+        if want <= 0:
+            self.close()
+            return b""
+        while True:
+            self._ensure_open()
+            try:
+                data = self._body.read(want)
+            except BODY_ERRORS as exc:
+                self._broken(TransientError(f"connection broke: {_short(exc)}"))
+                continue
+            if not data:
+                self._broken(TransientError("connection closed before the end of the blob"))
+                continue
+            self.pos += len(data)
+            self._count(len(data))
+            self._progress = True
+            return data
 
     def close(self) -> None:
         if self._resp is not None:
@@ -375,8 +384,20 @@ class ParallelRangeStream:
         self._current = self._current[n:]
         return n
 
-    def read(self, n: int = -1, /) -> bytes:
-        return read_via_readinto(self.readinto, n if n and n > 0 else 1 << 22)
+    def read(self, n: int = -1, /) -> memoryview | bytes:
+        """Up to `n` bytes as a view of a range's buffer: no copy."""
+        if not self._current:
+            if self._next >= len(self._chunks):
+                self.close()
+                return b""
+            fut = self._futures.pop(self._next)
+            self._next += 1
+            self._schedule()
+            self._current = memoryview(fut.result())
+        n = len(self._current) if n is None or n < 0 else min(n, len(self._current))
+        out = self._current[:n]
+        self._current = self._current[n:]
+        return out
 
     def close(self) -> None:
         self._stop.set()
