@@ -331,7 +331,10 @@ class VolumeManager:
                     continue  # unpublished, or published again, meanwhile
                 if mounts.is_answering(rec.target_path):
                     continue  # rebound already, or never broken
-                mounts.unmount(rec.target_path)  # the stale bind
+                # On top of the stale bind, not in its place: a container with
+                # mountPropagation HostToContainer holds a slave copy of this
+                # mount, which receives a mount stacked on it but is cut off by
+                # an unmount. NodeUnpublish unmounts the whole stack.
                 spec = parse_volume_attributes(rec.spec)
                 root_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:

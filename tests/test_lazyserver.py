@@ -294,3 +294,31 @@ def test_an_expiring_registry_token_is_renewed_for_on_demand_reads(node, tmp_pat
             reg.stop()
     finally:
         tokens.stop()
+
+
+def test_restart_rebind_reaches_a_pods_slave_copy_of_the_mount(registry, node, tmp_path):
+    """A container with `mountPropagation: HostToContainer` holds a slave copy
+    of the target mount (found by hack/e2e-kube on a real kubelet). The rebind
+    after a lazy-server restart must propagate into that copy: it is mounted
+    on top of the dead bind, not in its place (unmounting it first cut the
+    copy off, and the pod read ENOTCONN for good)."""
+    driver, lazy = node
+    pods = tmp_path / "pods"
+    pods.mkdir()
+    # kubelet's pods dir is a shared mount (Bidirectional needs it).
+    subprocess.run(["mount", "--bind", str(pods), str(pods)], check=True)
+    subprocess.run(["mount", "--make-shared", str(pods)], check=True)
+    ref = push_model(registry, tmp_path, "lazysrv/slave-copy:v1")
+    target = target_in(tmp_path, "htc")
+    driver.publish(target, {"image": ref, "mode": "lazy", "prefetch": "none"})
+    view = tmp_path / "container-view"  # the container's /models
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(target), str(view)], check=True)
+    subprocess.run(["mount", "--make-slave", str(view)], check=True)
+    assert (view / "README.md").read_bytes() == FILES["README.md"]
+    with open(view / "README.md", "rb"):  # a reader keeps the container's copy busy
+        lazy.kill_container()
+        lazy.start()
+        read_until(view / "models" / "config.json", FILES["models/config.json"], timeout=20)
+    driver.unpublish(target)
+    assert not target.exists()
