@@ -1,0 +1,351 @@
+"""csi-oci on a real Kubernetes v1.30 node (hack/e2e-kube): what pods see.
+
+Every scenario creates its objects with kubectl and checks results from the
+outside: sha256 of every file as read inside the pod against the bytes that
+were pushed, pod events, the host's mount table, the node store on the host
+(/var/lib/csi-oci, the DaemonSet's hostPath) and the node plugin's /metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from support.images import File, Image, Layer, push_image
+from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
+from support.producers import modctl_push
+from support.registry import TEST_PASSWORD, TEST_USER, Registry
+
+from . import kube
+from .conftest import wait_driver_ready
+from .forward import Forwarder
+from .kube import NS, apply, delete, exec_pod, inline, reader_pod, sha256_tree, wait_running
+
+STORE = Path("/var/lib/csi-oci/images/sha256")
+PODS_DIR = "/var/lib/kubelet/pods"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_files(seed: str, big: int = 3 * 2**20) -> dict[str, bytes]:
+    """A small "model": config, tokenizer and two weight shards of random bytes."""
+    rand = os.urandom
+    return {
+        "models/config.json": json.dumps({"seed": seed, "hidden_size": 64}).encode(),
+        "models/tokenizer.json": json.dumps({"vocab": [seed] * 100}).encode(),
+        "models/weights-00001-of-00002.safetensors": rand(big),
+        "models/weights-00002-of-00002.safetensors": rand(big // 3),
+    }
+
+
+def push_model(registry: Registry, repo_tag: str, files: dict[str, bytes], tmp: Path) -> str:
+    image = Image([Layer([File(name, data) for name, data in files.items()])])
+    return push_image(registry, image, repo_tag, tmp)
+
+
+def ref(fwd: Forwarder, repo_tag: str) -> str:
+    return f"{fwd.host}/{repo_tag}"
+
+
+def metrics() -> dict[str, float]:
+    """The node plugin's /metrics, summed per metric name (labels dropped)."""
+    ip = kube.node_pod()["status"]["podIP"]
+    text = requests.get(f"http://{ip}:9808/metrics", timeout=10).text
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
+
+
+def volume_mount_path(pod: str, volume: str = "model") -> str:
+    return f"{PODS_DIR}/{kube.pod_uid(pod)}/volumes/kubernetes.io~csi/{volume}/mount"
+
+
+@pytest.fixture(scope="module")
+def model(registry: Registry, tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """One model image for the basic scenarios: (repo:tag, {path: sha256})."""
+    files = model_files("basic")
+    push_model(registry, "models/tiny:v1", files, tmp_path_factory.mktemp("model"))
+    return "models/tiny:v1", {name: _sha(data) for name, data in files.items()}
+
+
+@pytest.fixture(autouse=True)
+def _cleanup_pods(driver: str) -> Iterator[None]:
+    yield
+    kube.kubectl("delete", "pods", "--all", "-n", NS, "--wait=true", timeout=300)
+
+
+def test_static_pv_pvc_pod_reads_every_file(model, anon: Forwarder) -> None:
+    repo_tag, expected = model
+    apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": "e2e-static-tiny"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "csi": {
+                    "driver": kube.DRIVER,
+                    "volumeHandle": "e2e-static-tiny",
+                    "readOnly": True,
+                    "volumeAttributes": {"image": ref(anon, repo_tag)},
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "static-tiny", "namespace": NS},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "volumeName": "e2e-static-tiny",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+        reader_pod(
+            "static", {"persistentVolumeClaim": {"claimName": "static-tiny", "readOnly": True}}
+        ),
+    )
+    wait_running("static")
+    assert sha256_tree("static", "/models") == expected
+    # Read-only inside the pod, whatever the container asks.
+    out = exec_pod("static", "touch /models/x 2>&1; echo rc=$?")
+    assert "Read-only file system" in out and "rc=1" in out
+
+
+def test_inline_ephemeral_volume(model, anon: Forwarder) -> None:
+    repo_tag, expected = model
+    apply(reader_pod("inline", inline({"image": ref(anon, repo_tag), "subPath": "models"})))
+    wait_running("inline")
+    # subPath: the volume root is the image's models/ directory.
+    assert sha256_tree("inline", "/models") == {
+        name.removeprefix("models/"): digest for name, digest in expected.items()
+    }
+
+
+def test_dynamic_pvc_from_storageclass(model, anon: Forwarder) -> None:
+    repo_tag, expected = model
+    apply(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": "e2e-oci-tiny"},
+            "provisioner": kube.DRIVER,
+            "parameters": {"image": ref(anon, repo_tag)},
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate",
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "dynamic-tiny", "namespace": NS},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "e2e-oci-tiny",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+        reader_pod(
+            "dynamic", {"persistentVolumeClaim": {"claimName": "dynamic-tiny", "readOnly": True}}
+        ),
+    )
+    wait_running("dynamic")
+    assert sha256_tree("dynamic", "/models") == expected
+    pvc = kube.get("pvc", "dynamic-tiny")
+    assert pvc is not None and pvc["status"]["phase"] == "Bound"
+    pv = kube.get("pv", pvc["spec"]["volumeName"], ns=None)
+    assert pv is not None and pv["spec"]["csi"]["driver"] == kube.DRIVER
+    assert pv["spec"]["csi"]["volumeAttributes"]["image"] == ref(anon, repo_tag)
+
+
+def test_two_pods_one_image_one_pull(registry: Registry, anon: Forwarder, tmp_path: Path) -> None:
+    files = model_files("shared")
+    digest = push_model(registry, "models/shared:v1", files, tmp_path)
+    before = metrics().get("csi_oci_pulls_total", 0.0)
+    volume = inline({"image": ref(anon, "models/shared:v1")})
+    apply(reader_pod("shared-a", volume), reader_pod("shared-b", volume))
+    wait_running("shared-a")
+    wait_running("shared-b")
+    expected = {name: _sha(data) for name, data in files.items()}
+    assert sha256_tree("shared-a", "/models") == expected
+    assert sha256_tree("shared-b", "/models") == expected
+    assert metrics().get("csi_oci_pulls_total", 0.0) - before == 1
+    # One tree in the host's store for the image, bind-mounted into both pods.
+    assert (STORE / digest.removeprefix("sha256:") / "rootfs").is_dir()
+
+
+def test_modelpack_artifact(registry: Registry, anon: Forwarder, tmp_path: Path) -> None:
+    files = {
+        "config.json": b'{"architectures": ["E2E"]}',
+        "model.safetensors": os.urandom(2 * 2**20),
+        "README.md": b"# e2e ModelPack\n",
+    }
+    modctl_push(registry, "models/modelpack:v1", tmp_path, files)
+    apply(reader_pod("modelpack", inline({"image": ref(anon, "models/modelpack:v1")})))
+    wait_running("modelpack")
+    assert sha256_tree("modelpack", "/models") == {n: _sha(d) for n, d in files.items()}
+
+
+def test_estargz_image_lazy_mode(registry: Registry, anon: Forwarder, tmp_path: Path) -> None:
+    files = {"models/config.json": b'{"lazy": true}', "models/weights.bin": os.urandom(4 * 2**20)}
+    blob = estargz_blob(make_layer_tar(files, dirs=["models"]), tmp_path)
+    push_lazy_image(registry, [blob], "models/lazy:v1", tmp_path)
+    volume = inline({"image": ref(anon, "models/lazy:v1"), "mode": "lazy", "subPath": "models"})
+    apply(reader_pod("lazy", volume))
+    wait_running("lazy")
+    got = sha256_tree("lazy", "/models")
+    assert got == {n.removeprefix("models/"): _sha(d) for n, d in files.items()}
+    # Served by the lazy server (FUSE), not an unpacked tree.
+    mount = volume_mount_path("lazy")
+    fstypes = [line.split(" - ")[1].split()[0] for line in _mountinfo(mount)]
+    assert fstypes and all(t.startswith("fuse") for t in fstypes), fstypes
+    assert metrics().get("csi_oci_volumes_published", 0) >= 1
+
+
+def _mountinfo(point: str) -> list[str]:
+    return [
+        line
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4] == point
+    ]
+
+
+def _dockerconfig_secret(name: str, host: str, user: str, password: str) -> dict:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    config = {"auths": {host: {"username": user, "password": password, "auth": auth}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
+    }
+
+
+def test_private_registry_with_dockerconfigjson_secret(
+    basic_registry: Registry, basic: Forwarder, tmp_path: Path
+) -> None:
+    files = model_files("private", big=2**20)
+    push_model(basic_registry, "private/model:v1", files, tmp_path)
+    # Its own image: one the node already holds is served from the store
+    # without asking the registry (pullPolicy IfNotPresent, as kubelet does
+    # for container images before 1.33's ensureSecretPulledImages).
+    push_model(basic_registry, "private/other:v1", model_files("other", big=1024), tmp_path)
+    apply(
+        _dockerconfig_secret("pull-ok", basic.host, TEST_USER, TEST_PASSWORD),
+        _dockerconfig_secret("pull-wrong", basic.host, TEST_USER, "not-the-password"),
+        reader_pod("private-ok", inline({"image": ref(basic, "private/model:v1")}, "pull-ok")),
+        reader_pod(
+            "private-wrong", inline({"image": ref(basic, "private/other:v1")}, "pull-wrong")
+        ),
+    )
+    wait_running("private-ok")
+    assert sha256_tree("private-ok", "/models") == {n: _sha(d) for n, d in files.items()}
+
+    def auth_event() -> str | None:
+        for message in kube.event_messages("private-wrong"):
+            if "refused access to image" in message and "with the given credentials" in message:
+                return message
+        return None
+
+    message = kube.wait_until("FailedMount event naming the credentials", auth_event, 120)
+    assert basic.host in message and "nodePublishSecretRef" in message
+    assert kube.pod_phase("private-wrong") == "Pending"
+
+
+def test_delete_pod_unmounts_and_cleans_target_store_keeps_image(model, anon: Forwarder) -> None:
+    repo_tag, _ = model
+    apply(reader_pod("deleted", inline({"image": ref(anon, repo_tag)})))
+    wait_running("deleted")
+    uid = kube.pod_uid("deleted")
+    target = volume_mount_path("deleted")
+    assert _mountinfo(target), f"{target} is not a mount point on the host"
+    store_trees = set(os.listdir(STORE))
+    delete("pod", "deleted")
+    pod_dir = f"{PODS_DIR}/{uid}"
+    kube.wait_until("pod directory gone", lambda: not os.path.exists(pod_dir), 120)
+    assert kube.host_mounts_under(pod_dir) == []
+    # The node store keeps the tree until garbage collection wants the space.
+    assert set(os.listdir(STORE)) == store_trees
+    assert metrics().get("csi_oci_store_images", 0) >= 1
+
+
+READ_LOOP = (
+    "while true; do"
+    " if find /models -type f -exec sha256sum {} + > /tmp/sums.new 2>>/tmp/errors;"
+    " then mv /tmp/sums.new /tmp/sums; date +%s > /tmp/ok; fi;"
+    " sleep 0.5; done"
+)
+
+
+def _sums(pod: str) -> dict[str, str]:
+    out = exec_pod(pod, "cat /tmp/sums")
+    return {
+        file.removeprefix("/models/"): digest
+        for digest, _, file in (line.partition("  ") for line in out.splitlines())
+    }
+
+
+def test_driver_restart_while_pods_read(
+    model, registry: Registry, anon: Forwarder, tmp_path: Path
+) -> None:
+    repo_tag, expected = model
+    lazy_files = {"models/weights.bin": os.urandom(2 * 2**20), "models/config.json": b"{}"}
+    blob = estargz_blob(make_layer_tar(lazy_files, dirs=["models"]), tmp_path)
+    push_lazy_image(registry, [blob], "models/lazy-restart:v1", tmp_path)
+    lazy_volume = inline({"image": ref(anon, "models/lazy-restart:v1"), "mode": "lazy"})
+    apply(
+        reader_pod("reads-unpacked", inline({"image": ref(anon, repo_tag)}), command=READ_LOOP),
+        # A container sees a lazy volume bound again after the restart only
+        # through HostToContainer propagation (docs/modes-and-cache.md).
+        reader_pod("reads-lazy", lazy_volume, command=READ_LOOP, propagation="HostToContainer"),
+    )
+    wait_running("reads-unpacked")
+    wait_running("reads-lazy")
+    old = kube.node_pod()["metadata"]["name"]
+    delete("pod", old, ns="csi-oci")
+    wait_driver_ready()
+    assert kube.node_pod()["metadata"]["name"] != old
+    restarted = time.time()
+
+    def lazy_reads_again() -> bool:
+        return int(exec_pod("reads-lazy", "cat /tmp/ok")) > restarted
+
+    kube.wait_until("lazy volume readable again", lazy_reads_again, 60, every=1)
+    # Unpacked volumes are plain bind mounts: not one failed read.
+    assert exec_pod("reads-unpacked", "cat /tmp/errors") == ""
+    assert _sums("reads-unpacked") == expected
+    assert _sums("reads-lazy") == {n: _sha(d) for n, d in lazy_files.items()}
+
+
+def test_pull_longer_than_kubelets_call_timeout(
+    registry: Registry, slow: Forwarder, tmp_path: Path
+) -> None:
+    # ~36 MiB of random bytes through a 256 KiB/s registry: ~2.4 minutes.
+    files = {"models/big.bin": os.urandom(36 * 2**20), "models/config.json": b"{}"}
+    push_model(registry, "models/slow:v1", files, tmp_path)
+    started = time.monotonic()
+    apply(reader_pod("slow", inline({"image": ref(slow, "models/slow:v1")})))
+    wait_running("slow", timeout=600)
+    elapsed = time.monotonic() - started
+    assert elapsed > 120, f"the pull took only {elapsed:.0f}s: not slower than kubelet's timeout"
+    assert sha256_tree("slow", "/models") == {n: _sha(d) for n, d in files.items()}
+    events = kube.event_messages("slow")
+    assert any("in progress" in e for e in events), events
