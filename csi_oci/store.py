@@ -448,12 +448,19 @@ class Store:
         self.durable.request()
         return final / "rootfs"
 
-    def commit_blob(self, tmp: Path, digest: str) -> Path:
-        """Move a verified blob into the blob store (flushed in the background)."""
+    def commit_blob(self, tmp: Path, digest: str, *, flush: bool = True) -> Path:
+        """Move a verified blob into the blob store (flushed in the background).
+
+        A pull passes `flush=False` and its tree's commit flushes everything
+        pending: a syncfs while the other blobs still stream in would write
+        them back mid-download, on the cores and disk the pull is using. The
+        marker makes the blob safe either way (torn() after a power loss).
+        """
         final = self.blob_path(digest)
         self.durable.pending(f"blob-{final.name}")
         os.rename(tmp, final)
-        self.durable.request()
+        if flush:
+            self.durable.request()
         return final
 
     def discard(self, staging: Path) -> None:

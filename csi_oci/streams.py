@@ -295,6 +295,12 @@ class ZstdReader:
         except zstandard.ZstdError as exc:
             raise InvalidLayer(f"{self._what}: corrupt zstd data: {exc}") from None
 
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            return self._reader.readinto(buf)
+        except zstandard.ZstdError as exc:
+            raise InvalidLayer(f"{self._what}: corrupt zstd data: {exc}") from None
+
 
 def decompressor(source: Readable, compression: str, what: str) -> Readable:
     if compression == Compression.GZIP:

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from support.driver import MOUNT_CAP, Driver, mount_options, settled, tree_of, wait_for
+from support.faultproxy import FaultProxy, stall_body
 from support.images import Dir, File, Image, Layer, Opaque, Symlink, Whiteout, push_image
 from support.registry import TEST_PASSWORD, TEST_USER
 
@@ -505,7 +506,12 @@ def test_kill_during_pull_leaves_nothing_a_later_pull_trips_on(registry, tmp_pat
     ]
     img = Image(layers)
     push_image(registry, img, "node/killed:v1", tmp_path)
-    ref = f"{registry.host}/node/killed:v1"
+    # Through the proxy every blob stalls after its first MiB, so the kill
+    # lands mid-pull however fast the machine is; the pull after the restart
+    # goes to the registry itself (same digests, so the same store entries).
+    proxy = FaultProxy(registry.url, stall_body(seconds=20, after_bytes=1 << 20))
+    proxy.__enter__()
+    ref = f"{proxy.host}/node/killed:v1"
     d = Driver(tmp_path / "drv", extra_args=["--publish-wait", "0"])
     try:
         target = target_in(tmp_path)
@@ -520,7 +526,7 @@ def test_kill_during_pull_leaves_nothing_a_later_pull_trips_on(registry, tmp_pat
         assert not target.exists() and mount_options(target) is None
         for _ in range(600):
             try:
-                d.publish(target, {"image": ref})
+                d.publish(target, {"image": f"{registry.host}/node/killed:v1"})
                 break
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.ABORTED, exc.details()
@@ -531,6 +537,7 @@ def test_kill_during_pull_leaves_nothing_a_later_pull_trips_on(registry, tmp_pat
         d.unpublish(target)
     finally:
         d.stop()
+        proxy.__exit__(None, None, None)
 
 
 def layer_payload(layer: Layer) -> bytes:
