@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-KUBECTL = str(REPO / ".cache" / "e2e-kube" / "bin" / "kubectl")
+# The cluster's own kubectl (hack/e2e-kube sets it per E2E_KUBE_VERSION).
+KUBECTL = os.environ.get("E2E_KUBE_KUBECTL", str(REPO / ".cache" / "e2e-kube" / "bin" / "kubectl"))
 NS = "e2e"  # every scenario's namespace
 BUSYBOX = "e2e.local/busybox:1.35"  # pushed by hack/e2e-kube
 DRIVER = "oci.csi.dev"
