@@ -65,21 +65,22 @@ def machine() -> str:
     )
 
 
-def plan(args: argparse.Namespace, pushed: dict[str, Pushed]) -> list[tuple[str, str, Runner]]:
+def plan(
+    args: argparse.Namespace, pushed: dict[str, Pushed], names: list[str]
+) -> list[tuple[str, str, Runner]]:
     """(packaging, tool, runner) for one repetition, in the order they run."""
+
+    def lazy(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
+        return csi_oci_lazy(ref, work, expected, "config.json", names)
+
     steps: list[tuple[str, str, Runner]] = []
     for packaging in pushed:
         steps.append((packaging, bench_report.CSI, csi_oci_unpack))
         if packaging in LAZY_PACKAGINGS and not args.no_lazy:
-            steps.append((packaging, bench_report.LAZY, _lazy))
+            steps.append((packaging, bench_report.LAZY, lazy))
         if not args.no_peers:
             steps += [(packaging, name, fn) for name, fn in peers_for(packaging).items()]
     return steps
-
-
-def _lazy(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
-    assert expected is not None
-    return csi_oci_lazy(ref, work, expected, "config.json")
 
 
 def run_all(
@@ -91,12 +92,14 @@ def run_all(
 ) -> tuple[list[dict[str, Any]], bool]:
     runs: list[dict[str, Any]] = []
     dropped = True
-    steps = plan(args, pushed)
+    steps = plan(args, pushed, sorted(expected))
+    partial = args.out_dir / "bench-runs.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for rep in range(args.reps):
         for packaging, tool, runner in steps:
             work = base / "runs" / f"{rep}-{len(runs)}"
             work.mkdir(parents=True)
-            dropped = drop_caches() and dropped
+            dropped = (not args.no_drop_caches and drop_caches()) and dropped
             warm([registry.blob_path(d) for d in pushed[packaging].digests])
             # Files are checked on the first repetition (a second read of 4 GiB
             # per run would double the benchmark's time; the code paths do not
@@ -112,13 +115,18 @@ def run_all(
                     "extra": result.extra,
                 }
             )
+            partial.write_text(json.dumps(runs))  # a crash later keeps what was measured
             extra = ", ".join(f"{k} {v:.3g}" for k, v in result.extra.items())
             say(f"rep {rep + 1} {packaging:13} {tool:24} {result.seconds:7.2f} s  {extra}")
     return runs, dropped
 
 
 def measure_limits(
-    registry: Registry, pushed: dict[str, Pushed], base: Path, expected: dict[str, str]
+    registry: Registry,
+    pushed: dict[str, Pushed],
+    base: Path,
+    expected: dict[str, str],
+    sample_bytes: int,
 ) -> dict[str, float]:
     """Limits on samples of this run's data: the first half of a random shard
     and of a low-entropy one; the two largest blobs over loopback."""
@@ -126,7 +134,7 @@ def measure_limits(
     sample = b""
     for name in shards[:2]:
         with open(base / "model" / name, "rb") as f:
-            sample += f.read(bench_limits.SAMPLE // 2)
+            sample += f.read(sample_bytes // 2)
     repo_of = {
         d: x.ref.split("/", 1)[1].rsplit(":", 1)[0] for x in pushed.values() for d in x.digests
     }
@@ -134,7 +142,7 @@ def measure_limits(
     warm([registry.blob_path(d) for d in blobs])
     urls = [f"http://{registry.host}/v2/{repo_of[d]}/blobs/{d}" for d in blobs]
     sizes = [registry.blob_path(d).stat().st_size for d in blobs]
-    return bench_limits.measure(sample, urls, sizes, base)
+    return bench_limits.measure(sample, urls, sizes, base, disk_bytes=4 * sample_bytes)
 
 
 def main() -> int:
@@ -147,9 +155,18 @@ def main() -> int:
     p.add_argument("--packagings", default=",".join(PACKAGINGS))
     p.add_argument("--no-peers", action="store_true", help="time csi-oci only")
     p.add_argument("--no-lazy", action="store_true", help="skip the lazy runs")
+    p.add_argument("--no-drop-caches", action="store_true", help="keep the page cache (smoke runs)")
+    p.add_argument(
+        "--limit-sample-mib", type=int, default=256, help="data per machine-limit measure"
+    )
     p.add_argument("--out-dir", type=Path, default=REPO / ".cache" / "bench")
     p.add_argument("--workdir", type=Path, default=None, help="scratch (default: a temp dir)")
+    p.add_argument(
+        "--render", type=Path, default=None, help="only re-render bench.md/png from a bench.json"
+    )
     args = p.parse_args()
+    if args.render is not None:
+        return render(json.loads(args.render.read_text()), args.out_dir)
     packagings = tuple(x for x in args.packagings.split(",") if x)
     unknown = set(packagings) - set(PACKAGINGS)
     if unknown:
@@ -164,7 +181,7 @@ def main() -> int:
         pushed = build_and_push(registry.host, base / "model", base / "build", packagings, say)
         model_bytes = sum((base / "model" / n).stat().st_size for n in expected)
         say("measuring machine limits")
-        limits = measure_limits(registry, pushed, base, expected)
+        limits = measure_limits(registry, pushed, base, expected, args.limit_sample_mib << 20)
         for name, value in limits.items():
             say(f"limit {name}: {value:.0f} MiB/s")
         runs, dropped = run_all(args, registry, pushed, expected, base)
@@ -193,14 +210,22 @@ def main() -> int:
         "ratios": rat,
         "runs": runs,
     }
-    report["targets"] = bench_report.targets(summary, rat)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    return render(report, args.out_dir)
+
+
+def render(report: dict[str, Any], out_dir: Path) -> int:
+    """Ratios, targets, markdown and chart from a report's results and limits."""
+    report["ratios"] = bench_report.ratios(
+        report["results"], report["limits"], report["meta"]["cores"]
+    )
+    report["targets"] = bench_report.targets(report["results"], report["ratios"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     md = bench_report.markdown(report)
-    (args.out_dir / "bench.md").write_text(md)
-    bench_report.chart(report, args.out_dir / "bench.png")
+    (out_dir / "bench.md").write_text(md)
+    bench_report.chart(report, out_dir / "bench.png")
     print(md)
-    say(f"wrote {args.out_dir}/bench.json, bench.md, bench.png")
+    say(f"wrote {out_dir}/bench.json, bench.md, bench.png")
     return 0
 
 

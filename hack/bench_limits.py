@@ -21,7 +21,6 @@ from typing import Any
 import zstandard
 
 MIB = 1 << 20
-SAMPLE = 256 * MIB
 
 
 def _rate(nbytes: int, fn: Callable[[], object]) -> float:
@@ -146,10 +145,12 @@ def disk_write(directory: Path, nbytes: int) -> dict[str, float]:
     return {"disk_write_page_cache": cached, "disk_write_fsync": synced}
 
 
-def measure(sample: bytes, urls: list[str], sizes: list[int], scratch: Path) -> dict[str, float]:
+def measure(
+    sample: bytes, urls: list[str], sizes: list[int], scratch: Path, *, disk_bytes: int
+) -> dict[str, float]:
     limits: dict[str, float] = {}
     limits.update(sha256_rates(sample))
     limits.update(inflate_rates(sample))
     limits.update(loopback_http(urls, sizes))
-    limits.update(disk_write(scratch, 1024 * MIB))
+    limits.update(disk_write(scratch, disk_bytes))
     return limits

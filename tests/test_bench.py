@@ -1,0 +1,84 @@
+"""hack/bench runs end to end (tiny model): every packaging, every peer, the
+lazy runs, the machine limits, and its three outputs.
+
+Performance is never asserted here; this only keeps the benchmark command
+working on a fresh clone. The run itself checks each tool's files against
+the model's sha256 (first repetition), so a tool that wrote wrong bytes
+fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGINGS = {"raw", "tar", "tar+gzip", "tar+zstd", "estargz", "zstd:chunked"}
+IMAGE_PEERS = {"oras cp + tar -x", "skopeo copy + tar -x", "crane export + tar -x"}
+
+
+def test_bench_smoke_run_writes_json_markdown_and_chart(tmp_path):
+    out = tmp_path / "out"
+    # A short scratch path: the drivers' unix sockets live under it (108-byte limit).
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+    cmd = [
+        sys.executable,
+        str(REPO / "hack" / "bench.py"),
+        "--size-mib",
+        "24",
+        "--shards",
+        "2",
+        "--reps",
+        "1",
+        "--no-drop-caches",
+        "--limit-sample-mib",
+        "8",
+        "--out-dir",
+        str(out),
+        "--workdir",
+        str(scratch),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+        leftovers = list(scratch.iterdir())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((out / "bench.json").read_text())
+    results = report["results"]
+    assert set(results) == PACKAGINGS
+    assert set(results["raw"]) == {"csi-oci publish", "oras pull"}
+    for packaging in PACKAGINGS - {"raw"}:
+        expected = {"csi-oci publish", *IMAGE_PEERS}
+        if packaging in ("estargz", "zstd:chunked"):
+            expected.add("csi-oci lazy")
+            assert 0 < results[packaging]["csi-oci lazy"]["first_byte_s"]
+        assert set(results[packaging]) == expected, packaging
+    for tools in results.values():
+        for stats in tools.values():
+            assert stats["median_s"] > 0 and stats["mib_s"] > 0
+    publish = results["tar"]["csi-oci publish"]
+    assert 0 < publish["rss_idle_bytes"] <= publish["rss_peak_bytes"]
+
+    limits = report["limits"]
+    for key in (
+        "sha256_one_core",
+        "gzip_zlib",
+        "gzip_isal",
+        "zstd",
+        "http_loopback_one_stream",
+        "disk_write_page_cache",
+    ):
+        assert limits[key] > 0, key
+    assert {r["target"].split(":")[0] for r in report["targets"]} >= {"raw", "tar", "tar+gzip"}
+    assert set(report["ratios"]) == PACKAGINGS
+
+    markdown = (out / "bench.md").read_text()
+    assert "## Targets" in markdown and "| tar+zstd | csi-oci publish |" in markdown
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert leftovers == [], "the run removes its registry, model and outputs"
