@@ -610,35 +610,30 @@ class _FallbackParallel:
         self._pos = 0
 
     def readinto(self, buf: memoryview | bytearray) -> int:
-        if self._fallback is not None:
-            return self._fallback.readinto(buf)
-        assert self._parallel is not None
-        try:
-            n = self._parallel.readinto(buf)
-        except RangeIgnored:
-            log.info("server ignores Range: fetching the rest of the blob as one stream")
-            self._parallel.close()
-            self._parallel = None
-            self._fallback = self._sequential_factory(self._pos)
-            return self._fallback.readinto(buf)
-        self._pos += n
+        n: int = self._from(lambda stream: stream.readinto(buf))
         return n
 
     def read(self, n: int = -1, /) -> memoryview | bytes:
         """Up to `n` bytes; from the parallel ranges, a view of their buffer (no copy)."""
+        data: memoryview | bytes = self._from(lambda stream: stream.read(n))
+        return data
+
+    def _from(self, op: Callable[[Any], Any]) -> Any:
+        """`op` on the parallel ranges, or on one stream from where they stopped
+        once the server turns out to ignore Range."""
         if self._fallback is not None:
-            return self._fallback.read(n)
+            return op(self._fallback)
         assert self._parallel is not None
         try:
-            data = self._parallel.read(n)
+            got = op(self._parallel)
         except RangeIgnored:
             log.info("server ignores Range: fetching the rest of the blob as one stream")
             self._parallel.close()
             self._parallel = None
             self._fallback = self._sequential_factory(self._pos)
-            return self._fallback.read(n)
-        self._pos += len(data)
-        return data
+            return op(self._fallback)
+        self._pos += got if isinstance(got, int) else len(got)
+        return got
 
     def close(self) -> None:
         if self._parallel is not None:

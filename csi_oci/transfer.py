@@ -164,19 +164,7 @@ class ResumableStream:
             return 0
         total = 0
         while total < want:
-            self._ensure_open()
-            try:
-                n = self._body.readinto(view[total:want])
-            except BODY_ERRORS as exc:
-                self._broken(TransientError(f"connection broke: {_short(exc)}"))
-                continue
-            if not n:
-                self._broken(TransientError("connection closed before the end of the blob"))
-                continue
-            self.pos += n
-            total += n
-            self._count(n)
-            self._progress = True
+            total += self._receive(lambda body, at=total: body.readinto(view[at:want]))
         return total
 
     def read(self, n: int = -1, /) -> bytes:
@@ -190,20 +178,26 @@ class ResumableStream:
         if want <= 0:
             self.close()
             return b""
+        return self._receive(lambda body: body.read(want))
+
+    def _receive(self, op: Callable[[Any], Any]) -> Any:
+        """One successful `op` on the response body (bytes or a count), after as
+        many reconnects and resumes as the retry policy allows."""
         while True:
             self._ensure_open()
             try:
-                data = self._body.read(want)
+                got = op(self._body)
             except BODY_ERRORS as exc:
                 self._broken(TransientError(f"connection broke: {_short(exc)}"))
                 continue
-            if not data:
+            if not got:
                 self._broken(TransientError("connection closed before the end of the blob"))
                 continue
-            self.pos += len(data)
-            self._count(len(data))
+            n = got if isinstance(got, int) else len(got)
+            self.pos += n
+            self._count(n)
             self._progress = True
-            return data
+            return got
 
     def close(self) -> None:
         if self._resp is not None:

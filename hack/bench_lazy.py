@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # reuse the test support
 sys.path.insert(0, str(REPO / "hack"))
 
-from benchlib import drop_caches, fetched_bytes  # noqa: E402
+from benchlib import drop_caches  # noqa: E402
 from support.driver import Driver  # noqa: E402
 from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image  # noqa: E402
 from support.registry import Registry  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> int:
         target = base / "pods" / "lazy" / "mount"
         target.parent.mkdir(parents=True)
         try:
-            before = fetched_bytes(registry, "bench/lazy")
+            before = registry.blob_bytes_sent("bench/lazy")
             started = time.perf_counter()
             d.publish(
                 target,
@@ -110,7 +110,7 @@ def main() -> int:
             )
             (target / "config.json").read_bytes()[:1]
             report["lazy_first_byte_s"] = time.perf_counter() - started
-            report["lazy_bytes_for_config"] = fetched_bytes(registry, "bench/lazy") - before
+            report["lazy_bytes_for_config"] = registry.blob_bytes_sent("bench/lazy") - before
             cold = read_all(target / big)
             report["lazy_cold_read_mib_s"] = (per >> 20) / cold
             warm = read_all(target / big)

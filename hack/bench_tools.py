@@ -174,58 +174,38 @@ def extract_layout(layout: Path, dest: Path, packaging: str) -> None:
         _run(["tar", "-x", *EXTRACT_FLAGS[packaging], "-f", str(blob), "-C", str(dest)])
 
 
-def oras_copy_extract(packaging: str) -> Callable[[str, Path, dict[str, str] | None], Run]:
-    """`oras cp` to an OCI layout, then `tar -x` of the layers (an image has no
-    titled layers, so `oras pull` would write nothing)."""
+def _oras_copy(ref: str, layout: Path, work: Path) -> None:
+    _run([str(BIN / "oras"), "cp", "--from-plain-http", "--to-oci-layout", ref, f"{layout}:t"])
+
+
+def _skopeo_copy(ref: str, layout: Path, work: Path) -> None:
+    auth = work / "auth.json"
+    auth.write_text('{"auths":{}}')
+    _run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            f"docker://{ref}",
+            f"oci:{layout}:t",
+        ],
+        env=dict(os.environ, REGISTRY_AUTH_FILE=str(auth)),
+    )
+
+
+def copy_extract(
+    packaging: str, copy: Callable[[str, Path, Path], None]
+) -> Callable[[str, Path, dict[str, str] | None], Run]:
+    """Copy the image to an OCI layout (blobs verified), then `tar -x` its layers."""
 
     def run(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
         layout, dest = work / "layout", work / "out"
         dest.mkdir()
 
         def go() -> None:
-            _run(
-                [
-                    str(BIN / "oras"),
-                    "cp",
-                    "--from-plain-http",
-                    "--to-oci-layout",
-                    ref,
-                    f"{layout}:t",
-                ]
-            )
-            extract_layout(layout, dest, packaging)
-
-        seconds = _timed(go)
-        if expected is not None:
-            check_tree(dest, expected)
-        return Run(seconds)
-
-    return run
-
-
-def skopeo_copy_extract(packaging: str) -> Callable[[str, Path, dict[str, str] | None], Run]:
-    """`skopeo copy` to an OCI layout (blobs verified), then `tar -x` of the layers."""
-
-    def run(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
-        layout, dest = work / "layout", work / "out"
-        dest.mkdir()
-        auth = work / "auth.json"
-        auth.write_text('{"auths":{}}')
-        env = dict(os.environ, REGISTRY_AUTH_FILE=str(auth))
-
-        def go() -> None:
-            _run(
-                [
-                    "skopeo",
-                    "--insecure-policy",
-                    "copy",
-                    "-q",
-                    "--src-tls-verify=false",
-                    f"docker://{ref}",
-                    f"oci:{layout}:t",
-                ],
-                env=env,
-            )
+            copy(ref, layout, work)
             extract_layout(layout, dest, packaging)
 
         seconds = _timed(go)
@@ -272,8 +252,9 @@ def peers_for(packaging: str) -> dict[str, Runner]:
     if packaging == "raw":
         return {"oras pull": oras_pull}
     return {
-        "oras cp + tar -x": oras_copy_extract(packaging),
-        "skopeo copy + tar -x": skopeo_copy_extract(packaging),
+        # An image has no titled layers, so `oras pull` would write nothing.
+        "oras cp + tar -x": copy_extract(packaging, _oras_copy),
+        "skopeo copy + tar -x": copy_extract(packaging, _skopeo_copy),
         "crane export + tar -x": crane_export,
     }
 

@@ -1,5 +1,5 @@
-"""Pieces the hack/bench_*.py scripts share: cache dropping, a timed publish
-through a real `csi-oci serve`, and bytes fetched per the registry's log."""
+"""Pieces the hack/bench*.py scripts share: cache dropping and a timed publish
+through a real `csi-oci serve`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the test support: registry, driver, images
 
 from support.driver import Driver  # noqa: E402
-from support.registry import Registry  # noqa: E402
 
 
 def drop_caches() -> bool:
@@ -54,14 +53,3 @@ def timed_publish(
                 if log_filter(line):
                     print("   ", line[11:200])
     return elapsed
-
-
-def fetched_bytes(registry: Registry, repo: str) -> int:
-    """Blob bytes csi-oci received from `repo`, per the registry's access log."""
-    total = 0
-    for line in registry.log_text().splitlines():
-        if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line:
-            parts = line.split('"')[2].split()
-            if parts and parts[0] in ("200", "206"):
-                total += int(parts[1])
-    return total

@@ -25,17 +25,6 @@ FILES = {
 }
 
 
-def ranged_bytes(registry, repo):
-    """Blob bytes csi-oci fetched, from the registry's access log (status 200/206 lines)."""
-    total = 0
-    for line in registry.log_text().splitlines():
-        if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line:
-            parts = line.split('"')[2].split()
-            if parts and parts[0] in ("200", "206"):
-                total += int(parts[1])
-    return total
-
-
 @pytest.fixture(scope="module")
 def lazy_image(registry, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lazy-image")
@@ -60,12 +49,12 @@ def test_lazy_publish_reads_on_demand_and_survives_a_restart(registry, lazy_imag
     d = Driver(tmp_path / "drv")
     target = target_in(tmp_path)
     try:
-        before = ranged_bytes(registry, "lazy/model")
+        before = registry.blob_bytes_sent("lazy/model")
         attrs = {"image": ref, "mode": "lazy", "subPath": "models", "prefetch": "none"}
         d.publish(target, attrs)
         assert {"ro", "nosuid", "nodev"} <= (mount_options(target) or set())
         assert (target / "config.json").read_bytes() == FILES["models/config.json"]
-        fetched = ranged_bytes(registry, "lazy/model") - before
+        fetched = registry.blob_bytes_sent("lazy/model") - before
         assert fetched < blob_size // 4, (fetched, blob_size)  # TOC + one small member
         stats = lazy_stats(d.state_dir)  # what /metrics reports for the FUSE server
         assert stats["read_bytes"] >= len(FILES["models/config.json"])
@@ -233,7 +222,7 @@ def test_lazy_include_serves_and_fetches_only_matching_files(registry, lazy_imag
     d = Driver(tmp_path / "drv")
     target, whole = target_in(tmp_path, "inc"), target_in(tmp_path, "whole")
     try:
-        before = ranged_bytes(registry, "lazy/model")
+        before = registry.blob_bytes_sent("lazy/model")
         attrs = {"image": ref, "mode": "lazy", "include": "*.json,README.md", "prefetch": "all"}
         d.publish(target, attrs)
         assert sorted(os.listdir(target)) == ["README.md", "models"]
@@ -242,7 +231,7 @@ def test_lazy_include_serves_and_fetches_only_matching_files(registry, lazy_imag
         assert (target / "models" / "config.json").read_bytes() == FILES["models/config.json"]
         lazy_dir = d.state_dir / "lazy"
         assert wait_for_prefetch(lazy_dir)
-        fetched = ranged_bytes(registry, "lazy/model") - before
+        fetched = registry.blob_bytes_sent("lazy/model") - before
         # prefetch all of an include set: its files, never the 12 MB weights
         assert fetched < len(FILES["models/model.safetensors"]) // 4, (fetched, blob_size)
         # the same image without include is another tree, served by another server

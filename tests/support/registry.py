@@ -333,6 +333,17 @@ class Registry:
         except FileNotFoundError:
             return ""
 
+    def blob_bytes_sent(self, repo: str) -> int:
+        """Blob bytes this registry sent csi-oci from `repo` (200/206 lines of its
+        access log): what a pull or a lazy read really cost on the wire."""
+        total = 0
+        for line in self.log_text().splitlines():
+            if f'"GET /v2/{repo}/blobs/' in line and "csi-oci" in line:
+                parts = line.split('"')[2].split()
+                if parts and parts[0] in ("200", "206"):
+                    total += int(parts[1])
+        return total
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
