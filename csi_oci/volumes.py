@@ -128,7 +128,10 @@ class VolumeManager:
         return rec if rec.target_path == target else None
 
     def _save(self, rec: VolumeRecord) -> None:
-        write_json_atomic(self._record_path(rec.target_path), asdict(rec))
+        # Not fsynced: the record has to survive a driver restart (the page
+        # cache does), not a power loss, which takes the mount with it; a
+        # torn record then reads as unreadable and kubelet publishes again.
+        write_json_atomic(self._record_path(rec.target_path), asdict(rec), durable=False)
 
     def _forget(self, target: str) -> None:
         self._record_path(target).unlink(missing_ok=True)
