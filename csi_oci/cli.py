@@ -214,6 +214,16 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, object]]]:
             },
         ),
         (
+            ("--verify-diff-ids",),
+            {
+                "action": argparse.BooleanOptionalAction,
+                "default": env("CSI_OCI_VERIFY_DIFF_IDS", "true").lower() not in ("0", "false"),
+                "help": "check each compressed layer's uncompressed sha256 against the image "
+                "config's diff_ids (default on; off saves a sha256 pass per layer, the "
+                "layer digest still pins every byte)",
+            },
+        ),
+        (
             ("--cache-max-bytes",),
             {
                 "type": _size,
@@ -246,6 +256,7 @@ def node_settings(args: argparse.Namespace, publish_wait: float) -> NodeSettings
         cache_min_free_bytes=args.cache_min_free_bytes,
         runtime_dir=args.runtime_dir,
         lazy_external=getattr(args, "lazy_server", "inline") == "external",
+        verify_diff_ids=args.verify_diff_ids,
     )
 
 

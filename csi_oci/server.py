@@ -67,6 +67,7 @@ class NodeSettings:
     cache_min_free_bytes: int = 0
     runtime_dir: Path | None = None  # tmpfs for lazy images' credentials
     lazy_external: bool = False  # FUSE servers run by `csi-oci lazy-server`
+    verify_diff_ids: bool = True
 
 
 def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts:
@@ -87,7 +88,12 @@ def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts
         max_bytes=settings.cache_max_bytes,
         min_free_bytes=settings.cache_min_free_bytes,
     )
-    puller = Puller(store, limits=Limits(max_bytes=settings.max_image_bytes), registries=registries)
+    puller = Puller(
+        store,
+        limits=Limits(max_bytes=settings.max_image_bytes),
+        registries=registries,
+        verify_diff_ids=settings.verify_diff_ids,
+    )
     lazy = LazyMounts(
         store,
         settings.registry_config,

@@ -43,7 +43,16 @@ sys.path.insert(0, str(REPO / "hack"))
 import bench_limits  # noqa: E402
 import bench_report  # noqa: E402
 from bench_models import LAZY_PACKAGINGS, PACKAGINGS, Pushed, build_and_push, make_model  # noqa: E402
-from bench_tools import Run, Runner, clean, csi_oci_lazy, csi_oci_unpack, peers_for, warm  # noqa: E402
+from bench_tools import (  # noqa: E402
+    Run,
+    Runner,
+    clean,
+    csi_oci_lazy,
+    csi_oci_unpack,
+    csi_oci_unpack_no_diff_check,
+    peers_for,
+    warm,
+)
 from benchlib import drop_caches  # noqa: E402
 from support.registry import Registry  # noqa: E402
 
@@ -76,6 +85,9 @@ def plan(
     steps: list[tuple[str, str, Runner]] = []
     for packaging in pushed:
         steps.append((packaging, bench_report.CSI, csi_oci_unpack))
+        if packaging in bench_report.DIFF_CHECKED:
+            # What the diff_id check (a sha256 the peers skip) costs, measured.
+            steps.append((packaging, bench_report.CSI_NO_DIFF, csi_oci_unpack_no_diff_check))
         if packaging in LAZY_PACKAGINGS and not args.no_lazy:
             steps.append((packaging, bench_report.LAZY, lazy))
         if not args.no_peers:
@@ -139,10 +151,22 @@ def measure_limits(
         d: x.ref.split("/", 1)[1].rsplit(":", 1)[0] for x in pushed.values() for d in x.digests
     }
     blobs = sorted(repo_of, key=lambda d: registry.blob_path(d).stat().st_size)[-2:]
-    warm([registry.blob_path(d) for d in blobs])
-    urls = [f"http://{registry.host}/v2/{repo_of[d]}/blobs/{d}" for d in blobs]
+    # The download floor fetches what a raw pull fetches (else the biggest blobs).
+    fetched = list(pushed["raw"].digests) if "raw" in pushed else blobs
+    warm([registry.blob_path(d) for d in {*blobs, *fetched}])
+
+    def url(d: str) -> str:
+        return f"http://{registry.host}/v2/{repo_of[d]}/blobs/{d}"
+
     sizes = [registry.blob_path(d).stat().st_size for d in blobs]
-    return bench_limits.measure(sample, urls, sizes, base, disk_bytes=4 * sample_bytes)
+    return bench_limits.measure(
+        sample,
+        [url(d) for d in blobs],
+        sizes,
+        base,
+        disk_bytes=4 * sample_bytes,
+        download=[(url(d), registry.blob_path(d).stat().st_size) for d in fetched],
+    )
 
 
 def main() -> int:

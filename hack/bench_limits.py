@@ -145,12 +145,71 @@ def disk_write(directory: Path, nbytes: int) -> dict[str, float]:
     return {"disk_write_page_cache": cached, "disk_write_fsync": synced}
 
 
+def download_to_files(
+    blobs: list[tuple[str, int]], scratch: Path, parallel: int = 3
+) -> dict[str, float]:
+    """Registry -> files on disk with nothing checked: curl, `parallel` at a time.
+
+    Returns the rate (MiB/s of wall time) and what the whole machine spent
+    for it (busy CPU seconds per GiB, registry and kernel included): every
+    verified pull of these blobs pays that plus a sha256 of each byte.
+    """
+    from bench_tools import Stopwatch
+
+    dest = scratch / "download-test"
+    nbytes = sum(size for _, size in blobs)
+    args: list[str] = []
+    for i, (url, _) in enumerate(blobs):
+        args += [url, "-o", str(dest / f"blob-{i}")]
+    best: tuple[float, float] | None = None
+    for _ in range(2):
+        dest.mkdir()
+        os.sync()
+        with Stopwatch() as clock:
+            subprocess.run(
+                ["curl", "-sSf", "--parallel", "--parallel-max", str(parallel), *args],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
+        for f in dest.iterdir():
+            f.unlink()
+        dest.rmdir()
+        os.sync()
+        if best is None or clock.seconds < best[0]:
+            best = (clock.seconds, clock.cpu["cpu_busy_s"])
+    assert best is not None
+    return {
+        "download_to_files": nbytes / MIB / best[0],
+        "download_to_files_cpu_s_per_gib": best[1] / (nbytes / (1 << 30)),
+    }
+
+
+def verified_pull_floor(limits: dict[str, float], cores: int) -> float:
+    """MiB/s no verified pull of uncompressed data can beat on this machine.
+
+    Per MiB it costs at least the unchecked download (the registry, the
+    kernel's receive and page-cache copies, writeback: measured above) plus
+    one sha256 pass; `cores` cores share that work. It is also no faster
+    than the unchecked download's own wall time.
+    """
+    cpu_per_mib = limits["download_to_files_cpu_s_per_gib"] / 1024 + 1 / limits["sha256_one_core"]
+    return min(limits["download_to_files"], cores / cpu_per_mib)
+
+
 def measure(
-    sample: bytes, urls: list[str], sizes: list[int], scratch: Path, *, disk_bytes: int
+    sample: bytes,
+    urls: list[str],
+    sizes: list[int],
+    scratch: Path,
+    *,
+    disk_bytes: int,
+    download: list[tuple[str, int]],
 ) -> dict[str, float]:
     limits: dict[str, float] = {}
     limits.update(sha256_rates(sample))
     limits.update(inflate_rates(sample))
     limits.update(loopback_http(urls, sizes))
     limits.update(disk_write(scratch, disk_bytes))
+    limits.update(download_to_files(download, scratch))
+    limits["verified_pull_floor"] = verified_pull_floor(limits, os.cpu_count() or 1)
     return limits

@@ -50,6 +50,36 @@ def check_tree(root: Path, expected: dict[str, str]) -> None:
             raise AssertionError(f"{root / name}: sha256 {h.hexdigest()} != {want}")
 
 
+def cpu_seconds() -> dict[str, float]:
+    """System-wide CPU seconds so far (every core, every process) from /proc/stat.
+
+    Busy time covers the registry, the kernel's copies and writeback, not
+    only the tool: what the whole machine spent on a pull.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        "busy": (user + nice + system + irq + softirq) / hz,
+        "idle": (idle + iowait) / hz,
+        "steal": steal / hz,
+    }
+
+
+class Stopwatch:
+    """Wall seconds and the machine's CPU seconds over a `with` block."""
+
+    def __enter__(self) -> Stopwatch:
+        self._cpu = cpu_seconds()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._started
+        end = cpu_seconds()
+        self.cpu = {f"cpu_{k}_s": end[k] - self._cpu[k] for k in end}
+
+
 def proc_status(pid: int, key: str) -> int:
     """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -66,13 +96,15 @@ def reset_peak(pid: int) -> None:
 # -- csi-oci -----------------------------------------------------------------------
 
 
-def csi_oci_unpack(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
+def csi_oci_unpack(
+    ref: str, work: Path, expected: dict[str, str] | None, driver_args: tuple[str, ...] = ()
+) -> Run:
     """NodePublishVolume (mode unpack) by a fresh driver with an empty store.
 
     Also records the driver's RSS idle (after start, before the call) and
     peak (VmHWM during the pull).
     """
-    drv = Driver(work / "driver")
+    drv = Driver(work / "driver", extra_args=list(driver_args))
     target = work / "pod" / "mount"
     target.parent.mkdir(parents=True)
     try:
@@ -80,16 +112,20 @@ def csi_oci_unpack(ref: str, work: Path, expected: dict[str, str] | None) -> Run
         time.sleep(0.5)  # let start-up settle (the standby FUSE process is another pid)
         idle = proc_status(pid, "VmRSS")
         reset_peak(pid)
-        started = time.perf_counter()
-        drv.publish(target, {"image": ref, "mode": "unpack"}, timeout=3600)
-        seconds = time.perf_counter() - started
+        with Stopwatch() as clock:
+            drv.publish(target, {"image": ref, "mode": "unpack"}, timeout=3600)
         peak = proc_status(pid, "VmHWM")
         if expected is not None:
             check_tree(target, expected)
         drv.unpublish(target)
     finally:
         _stop(drv)
-    return Run(seconds, {"rss_idle_bytes": idle, "rss_peak_bytes": peak})
+    return Run(clock.seconds, {"rss_idle_bytes": idle, "rss_peak_bytes": peak, **clock.cpu})
+
+
+def csi_oci_unpack_no_diff_check(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
+    """The same publish with --no-verify-diff-ids: what checking the diff_ids costs."""
+    return csi_oci_unpack(ref, work, expected, ("--no-verify-diff-ids",))
 
 
 def read_all(root: Path, names: list[str]) -> None:
@@ -144,22 +180,20 @@ def _run(cmd: list[str], **kw: object) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]!r}")
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def _timed(fn: Callable[[], None]) -> Run:
+    with Stopwatch() as clock:
+        fn()
+    return Run(clock.seconds, clock.cpu)
 
 
 def oras_pull(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
     """`oras pull` of an artifact: every titled layer written as its file."""
     dest = work / "out"
     dest.mkdir()
-    seconds = _timed(
-        lambda: _run([str(BIN / "oras"), "pull", "--plain-http", "-o", str(dest), ref])
-    )
+    run = _timed(lambda: _run([str(BIN / "oras"), "pull", "--plain-http", "-o", str(dest), ref]))
     if expected is not None:
         check_tree(dest, expected)
-    return Run(seconds)
+    return run
 
 
 def extract_layout(layout: Path, dest: Path, packaging: str) -> None:
@@ -208,10 +242,10 @@ def copy_extract(
             copy(ref, layout, work)
             extract_layout(layout, dest, packaging)
 
-        seconds = _timed(go)
+        run = _timed(go)
         if expected is not None:
             check_tree(dest, expected)
-        return Run(seconds)
+        return run
 
     return run
 
@@ -237,10 +271,10 @@ def crane_export(ref: str, work: Path, expected: dict[str, str] | None) -> Run:
         if crane.wait() != 0 or tar.returncode != 0:
             raise RuntimeError(f"crane export | tar -x failed: {err[-2000:]!r} {tar.stderr!r}")
 
-    seconds = _timed(go)
+    run = _timed(go)
     if expected is not None:
         check_tree(dest, expected)
-    return Run(seconds)
+    return run
 
 
 Runner = Callable[[str, Path, "dict[str, str] | None"], Run]

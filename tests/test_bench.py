@@ -58,10 +58,14 @@ def test_bench_smoke_run_writes_json_markdown_and_chart(tmp_path):
         if packaging in ("estargz", "zstd:chunked"):
             expected.add("csi-oci lazy")
             assert 0 < results[packaging]["csi-oci lazy"]["first_byte_s"]
+        if packaging in ("tar+gzip", "tar+zstd"):
+            expected.add("csi-oci publish, no diff_id check")
         assert set(results[packaging]) == expected, packaging
     for tools in results.values():
-        for stats in tools.values():
+        for tool, stats in tools.items():
             assert stats["median_s"] > 0 and stats["mib_s"] > 0
+            if tool != "csi-oci lazy":  # every other run records the machine's CPU use
+                assert 0 < stats["cpu_busy_s"] and stats["cpu_idle_s"] >= 0
     publish = results["tar"]["csi-oci publish"]
     assert 0 < publish["rss_idle_bytes"] <= publish["rss_peak_bytes"]
 
@@ -73,12 +77,19 @@ def test_bench_smoke_run_writes_json_markdown_and_chart(tmp_path):
         "zstd",
         "http_loopback_one_stream",
         "disk_write_page_cache",
+        "download_to_files",
+        "download_to_files_cpu_s_per_gib",
     ):
         assert limits[key] > 0, key
+    assert 0 < limits["verified_pull_floor"] <= limits["download_to_files"]
+    assert 0 < report["ratios"]["raw"]["fraction_of_floor"]
+    bounds = {r["target"].split(":")[0]: r["bound"] for r in report["targets"] if "bound" in r}
+    assert "verified-pull floor" in bounds["raw"] and "diff_id" in bounds["tar+zstd"]
     assert {r["target"].split(":")[0] for r in report["targets"]} >= {"raw", "tar", "tar+gzip"}
     assert set(report["ratios"]) == PACKAGINGS
 
     markdown = (out / "bench.md").read_text()
     assert "## Targets" in markdown and "| tar+zstd | csi-oci publish |" in markdown
+    assert "## Machine use during a run" in markdown
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert leftovers == [], "the run removes its registry, model and outputs"

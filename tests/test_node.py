@@ -358,6 +358,15 @@ def test_wrong_diff_id_in_config_is_refused(driver, registry, tmp_path):
     assert err.code() == grpc.StatusCode.DATA_LOSS and "diff_id" in err.details()
     assert not target.exists()
 
+    # --no-verify-diff-ids: the layer's own digest still pins its bytes.
+    unchecked = Driver(tmp_path / "drv", extra_args=["--no-verify-diff-ids"])
+    try:
+        unchecked.publish(target, {"image": f"{registry.host}/node/baddiff:v1"})
+        assert (target / "f").read_bytes() == b"content"
+        unchecked.unpublish(target)
+    finally:
+        unchecked.stop()
+
 
 # -- credentials ----------------------------------------------------------------------
 
