@@ -207,7 +207,11 @@ def main() -> int:
         say("measuring machine limits")
         limits = measure_limits(registry, pushed, base, expected, args.limit_sample_mib << 20)
         for name, value in limits.items():
-            say(f"limit {name}: {value:.0f} MiB/s")
+            say(
+                f"limit {name}: {value:.2f} CPU s/GiB"
+                if name.endswith("_per_gib")
+                else f"limit {name}: {value:.0f} MiB/s"
+            )
         runs, dropped = run_all(args, registry, pushed, expected, base)
     finally:
         registry.stop()

@@ -167,7 +167,15 @@ def download_to_files(
         os.sync()
         with Stopwatch() as clock:
             subprocess.run(
-                ["curl", "-sSf", "--parallel", "--parallel-max", str(parallel), *args],
+                [
+                    "curl",
+                    "-sSf",
+                    "--no-progress-meter",
+                    "--parallel",
+                    "--parallel-max",
+                    str(parallel),
+                    *args,
+                ],
                 check=True,
                 stdin=subprocess.DEVNULL,
             )

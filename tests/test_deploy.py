@@ -54,7 +54,12 @@ CUSTOM_VALUES = {
     "logging": {"level": "debug", "format": "text"},
     "metrics": {"port": 19808},
     "cache": {"maxBytes": "200Gi", "minFreeBytes": "10Gi", "maxImageBytes": "2Ti"},
-    "pull": {"publishWaitSeconds": 60, "firstByteTimeoutSeconds": 300, "blobParallelism": 4},
+    "pull": {
+        "publishWaitSeconds": 60,
+        "firstByteTimeoutSeconds": 300,
+        "blobParallelism": 4,
+        "verifyDiffIDs": False,
+    },
     "registries": {
         "settings": {"first_byte_timeout": 300, "max_attempts": 8, "blob_parallelism": 4},
         "hosts": {
@@ -387,9 +392,11 @@ def test_default_node_plugin_flags(tmp_path):
     assert ports == {"metrics": 9808, "healthz": 9810}
     assert "--http-endpoint=:9810" in container(pod, "liveness-probe")["args"]
     assert "--http-endpoint=:9809" in container(pod, "node-driver-registrar")["args"]
-    # No registry config, docker config or budget unless asked for.
+    # No registry config, docker config or budget unless asked for; diff_ids checked.
     assert not [
-        a for a in args if a.startswith(("--registry-config", "--docker-config", "--cache"))
+        a
+        for a in args
+        if a.startswith(("--registry-config", "--docker-config", "--cache", "--no-verify"))
     ]
 
 
@@ -469,6 +476,7 @@ def test_custom_values_reach_the_objects(tmp_path):
         "--max-image-bytes=2Ti",
         "--first-byte-timeout=300",
         "--blob-parallelism=4",
+        "--no-verify-diff-ids",
         "--publish-wait=60",
         "--log-format=text",
         "--log-level=debug",

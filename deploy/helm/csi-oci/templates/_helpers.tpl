@@ -57,6 +57,9 @@ options of csi-oci): logging, state, registries, credentials, budgets.
 {{- with .Values.pull.blobParallelism }}
 - --blob-parallelism={{ . }}
 {{- end }}
+{{- if eq (toString .Values.pull.verifyDiffIDs) "false" }}
+- --no-verify-diff-ids
+{{- end }}
 {{- end }}
 
 {{/* Mounts of the registry configuration, certificates and docker config (read-only). */}}
