@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
+from benchlib import Stopwatch
 
 MIB = 1 << 20
 
@@ -154,8 +155,6 @@ def download_to_files(
     for it (busy CPU seconds per GiB, registry and kernel included): every
     verified pull of these blobs pays that plus a sha256 of each byte.
     """
-    from bench_tools import Stopwatch
-
     dest = scratch / "download-test"
     nbytes = sum(size for _, size in blobs)
     args: list[str] = []

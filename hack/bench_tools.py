@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import REPO
+from benchlib import REPO, Stopwatch
 from support.driver import Driver
 
 BIN = REPO / ".cache" / "bin"
@@ -48,36 +48,6 @@ def check_tree(root: Path, expected: dict[str, str]) -> None:
                 h.update(memoryview(buf)[:n])
         if h.hexdigest() != want:
             raise AssertionError(f"{root / name}: sha256 {h.hexdigest()} != {want}")
-
-
-def cpu_seconds() -> dict[str, float]:
-    """System-wide CPU seconds so far (every core, every process) from /proc/stat.
-
-    Busy time covers the registry, the kernel's copies and writeback, not
-    only the tool: what the whole machine spent on a pull.
-    """
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
-    hz = os.sysconf("SC_CLK_TCK")
-    return {
-        "busy": (user + nice + system + irq + softirq) / hz,
-        "idle": (idle + iowait) / hz,
-        "steal": steal / hz,
-    }
-
-
-class Stopwatch:
-    """Wall seconds and the machine's CPU seconds over a `with` block."""
-
-    def __enter__(self) -> Stopwatch:
-        self._cpu = cpu_seconds()
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._started
-        end = cpu_seconds()
-        self.cpu = {f"cpu_{k}_s": end[k] - self._cpu[k] for k in end}
 
 
 def proc_status(pid: int, key: str) -> int:

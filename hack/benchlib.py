@@ -1,5 +1,5 @@
-"""Pieces the hack/bench*.py scripts share: cache dropping and a timed publish
-through a real `csi-oci serve`."""
+"""Pieces the hack/bench*.py scripts share: cache dropping, a stopwatch that
+also counts the machine's CPU, and a timed publish through a real `csi-oci serve`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,36 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_seconds() -> dict[str, float]:
+    """System-wide CPU seconds so far (every core, every process) from /proc/stat.
+
+    Busy time covers the registry, the kernel's copies and writeback, not
+    only the tool: what the whole machine spent on a pull.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        "busy": (user + nice + system + irq + softirq) / hz,
+        "idle": (idle + iowait) / hz,
+        "steal": steal / hz,
+    }
+
+
+class Stopwatch:
+    """Wall seconds and the machine's CPU seconds over a `with` block."""
+
+    def __enter__(self) -> Stopwatch:
+        self._cpu = cpu_seconds()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._started
+        end = cpu_seconds()
+        self.cpu = {f"cpu_{k}_s": end[k] - self._cpu[k] for k in end}
 
 
 def timed_publish(
