@@ -652,8 +652,10 @@ def _apply_tar(
             if not verified:
                 # Undecodable bytes are most often wrong bytes: finish hashing so
                 # the error names the digest mismatch when that is the cause.
+                # The fetch stage reads its own rest: the inflate stage may
+                # still be reading from it.
                 with contextlib.suppress(InvalidLayer):
-                    _drain(stages[0], None)
+                    stages[0].finish()
             raise
         # Bytes after the end-of-archive marker are still hashed (they are part
         # of the digest), but only padding belongs there: cap what inflates,
@@ -661,7 +663,7 @@ def _apply_tar(
         # Reading the last stage to its end also ends (and so verifies) the
         # stages before it.
         if len(stages) == 1:
-            _drain(tar_stream, None)
+            stages[0].finish()
             return
         trailing = _drain(tar_stream, MAX_TRAILING_BYTES)
         if trailing > MAX_TRAILING_BYTES:
@@ -674,7 +676,7 @@ def _apply_tar(
         applier.charge_bytes(
             max(0, trailing - FREE_PADDING), f"{what}: padding after the end of the archive"
         )
-        _drain(stages[0], None)
+        stages[0].finish()
     finally:
         for stage in reversed(stages):
             stage.close()

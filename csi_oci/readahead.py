@@ -20,10 +20,17 @@ input must not be recycled.
 An exception in the producer (a digest mismatch found at the end of the blob,
 a broken connection) is raised to the consumer at the point in the stream
 where it happened, after every chunk before it.
+
+A stage has one consumer. When the consumer gives up early but still needs
+the source read to its end (to learn whether the blob's digest held), it
+calls `finish`: the thread reads the rest itself and drops it. Draining the
+stage from a second thread instead raced with the first consumer for the
+end-of-stream marker, and the loser waited forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import queue
 import threading
@@ -71,6 +78,8 @@ class ReadAhead:
         self._source = source
         self._chunk = chunk
         self._stop = threading.Event()
+        self._discard = threading.Event()
+        self._error: BaseException | None = None
         self._current = memoryview(b"")
         self._done = False
         # Recycled buffers: `depth` queued, one being filled, one being read.
@@ -94,33 +103,48 @@ class ReadAhead:
         name_native_thread(self._thread.name)
         try:
             while not self._stop.is_set():
-                item = self._fill() if self._free is not None else self._source.read(self._chunk)
+                item = self._next_chunk()
+                if item is None:
+                    self._discard_rest()
+                    return
                 if not item:
                     self._put(_END)
                     return
                 self._put(item)
         except BaseException as exc:
+            self._error = exc
             self._put(_Failure(exc))
 
-    def _fill(self) -> memoryview | None:
-        """A recycled buffer filled by the source (None at the end)."""
-        assert self._free is not None
-        while not self._stop.is_set():
+    def _halted(self) -> bool:
+        return self._stop.is_set() or self._discard.is_set()
+
+    def _next_chunk(self) -> memoryview | bytes | None:
+        """The next chunk, empty at the end, None once told to stop or discard."""
+        if self._free is None:
+            return None if self._halted() else self._source.read(self._chunk)
+        while not self._halted():
             try:
                 buf = self._free.get(timeout=0.2)
             except queue.Empty:
                 continue
             n = self._source.readinto(memoryview(buf))  # type: ignore[attr-defined]
-            if not n:
-                return None
             return memoryview(buf)[:n]
         return None
+
+    def _discard_rest(self) -> None:
+        """After `finish`: read the source to its end into one scratch buffer."""
+        scratch = memoryview(bytearray(self._chunk))
+        readinto = getattr(self._source, "readinto", None)
+        while not self._stop.is_set():
+            n = readinto(scratch) if readinto else len(self._source.read(self._chunk))
+            if not n:
+                return
 
     def _put(self, item: object) -> None:
         if isinstance(self._queue, queue.SimpleQueue):
             self._queue.put(item)
             return
-        while not self._stop.is_set():
+        while not self._halted():
             try:
                 self._queue.put(item, timeout=0.2)
                 return
@@ -156,6 +180,21 @@ class ReadAhead:
             self._free.put(self._held)
         self._held = None
 
+    def finish(self) -> None:
+        """Have the thread read the rest of the source and drop it; raise what
+        the source raised, if anything (a digest mismatch found at the end).
+
+        For a consumer that stopped early (an undecodable layer) and wants to
+        know whether the bytes were wrong. Blocks until the source ends: a
+        stalled registry ends it with the stream's own timeouts.
+        """
+        self._discard.set()
+        self._thread.join()
+        self._done = True
+        self._wake_reader()
+        if self._error is not None:
+            raise self._error
+
     def close(self) -> None:
         """Stop the producer without waiting long for it.
 
@@ -171,7 +210,17 @@ class ReadAhead:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
+        self._wake_reader()
         self._thread.join(timeout=0.5)
+
+    def _wake_reader(self) -> None:
+        """A stage after this one may sit in `read` waiting for a chunk that
+        will never come: an end marker lets its thread finish."""
+        if isinstance(self._queue, queue.SimpleQueue):
+            self._queue.put(_END)
+        else:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_END)
 
     def __enter__(self) -> ReadAhead:
         return self
