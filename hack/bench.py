@@ -1,6 +1,6 @@
 """The pull benchmark: csi-oci against its peers and this machine's limits.
 
-    hack/bench                      # 4 GiB model, 3 repetitions (~25 min)
+    hack/bench                      # 4 GiB model, 3 repetitions (~45 min here)
     hack/bench --size-mib 512 --reps 1 --packagings raw,tar
 
 Separate from the tests: performance is measured here, never asserted.

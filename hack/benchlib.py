@@ -44,7 +44,14 @@ def cpu_seconds() -> dict[str, float]:
 class Stopwatch:
     """Wall seconds and the machine's CPU seconds over a `with` block."""
 
+    # Called with True as the timed window opens and False as it closes:
+    # hack/bench_profile.py switches a system-wide profiler on for exactly the
+    # window (not the tool's start-up or the check of its output).
+    on_window: Callable[[bool], None] | None = None
+
     def __enter__(self) -> Stopwatch:
+        if Stopwatch.on_window is not None:
+            Stopwatch.on_window(True)
         self._cpu = cpu_seconds()
         self._started = time.perf_counter()
         return self
@@ -53,6 +60,8 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self._started
         end = cpu_seconds()
         self.cpu = {f"cpu_{k}_s": end[k] - self._cpu[k] for k in end}
+        if Stopwatch.on_window is not None:
+            Stopwatch.on_window(False)
 
 
 def timed_publish(

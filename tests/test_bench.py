@@ -1,5 +1,6 @@
 """hack/bench runs end to end (tiny model): every packaging, every peer, the
-lazy runs, the machine limits, and its three outputs.
+lazy runs, the machine limits, and its three outputs; hack/bench_profile.py
+profiles the raw pull of csi-oci and oras.
 
 Performance is never asserted here; this only keeps the benchmark command
 working on a fresh clone. The run itself checks each tool's files against
@@ -10,6 +11,7 @@ fails it.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -93,3 +95,31 @@ def test_bench_smoke_run_writes_json_markdown_and_chart(tmp_path):
     assert "## Machine use during a run" in markdown
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert leftovers == [], "the run removes its registry, model and outputs"
+
+
+def test_profile_splits_each_tools_cpu_by_thread_object_and_symbol(tmp_path):
+    """hack/bench_profile.py (perf over the timed window) names the driver's
+    pipeline threads, the registry and oras, and its shares add up."""
+    out = tmp_path / "profile.md"
+    cmd = [
+        sys.executable,
+        str(REPO / "hack" / "bench_profile.py"),
+        "--size-mib",
+        "64",
+        "--shards",
+        "2",
+        "--no-drop-caches",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    csi, oras = text.split("### csi-oci publish")[1].split("### oras pull")
+    assert "| raw-fetch |" in csi, "the driver's receive+hash stage is named"
+    assert "| docker-registry |" in csi and "| docker-registry |" in oras
+    assert "| oras |" in oras
+    for section in (csi, oras):
+        by_thread = section.split("#### by process or thread")[1].split("####")[0]
+        shares = [int(m) for m in re.findall(r"\| (\d+) % \|", by_thread)]
+        assert shares and 80 <= sum(shares) <= 101, by_thread
