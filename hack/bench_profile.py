@@ -123,15 +123,15 @@ def table(title: str, header: list[str], rows: list[tuple[float, list[str]]], to
 
 
 def report(perf: str, data: Path, tool: str, run: Run, top: int) -> str:
+    # One pass of perf over the data; the per-thread and per-library totals
+    # are sums of its rows. A stripped binary (libcrypto) gives one row per
+    # address: summed as one.
     by_comm: dict[str, float] = defaultdict(float)
-    for n, (comm, *_rest) in busy(samples_by(perf, data, "comm")):
-        by_comm[group_comm(comm)] += n / FREQ
     by_dso: dict[str, float] = defaultdict(float)
-    for n, (_comm, dso) in busy(samples_by(perf, data, "comm,dso")):
-        by_dso[dso] += n / FREQ
-    # A stripped library (libcrypto) gives one row per address: summed as one.
     by_sym: dict[tuple[str, str, str], float] = defaultdict(float)
     for n, (comm, dso, sym) in busy(samples_by(perf, data, "comm,dso,sym")):
+        by_comm[group_comm(comm)] += n / FREQ
+        by_dso[dso] += n / FREQ
         by_sym[(comm, dso, re.sub(r"^\[\.\] 0x[0-9a-f]+$", "(no symbols)", sym))] += n / FREQ
     syms = [(v, list(k)) for k, v in by_sym.items()]
     total = sum(by_comm.values())
