@@ -133,3 +133,23 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
+
+
+def error_from_record(kind: object, message: str) -> CsiOciError:
+    """An error another process of ours recorded (class name + message), rebuilt.
+
+    A lazy FUSE server that cannot start writes why (csi_oci.lazyfs); the
+    publish waiting for it raises the same class, so the caller gets the
+    status that names the problem (INVALID_ARGUMENT for a hostile TOC, not
+    INTERNAL). Unknown names fall back to MountError.
+    """
+    classes = {cls.__name__: cls for cls in _error_classes(CsiOciError)}
+    cls = classes.get(str(kind), MountError)
+    return cls(message)
+
+
+def _error_classes(base: type[CsiOciError]) -> list[type[CsiOciError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found += _error_classes(sub)
+    return found

@@ -33,7 +33,7 @@ from csi_oci.errors import CsiOciError
 from csi_oci.lazy import LazyReader
 from csi_oci.lazy.toc import HIDDEN_ROOT_NAMES, Entry
 from csi_oci.metrics import LAZY_STATS_FILE, write_lazy_stats
-from csi_oci.store import read_json
+from csi_oci.store import read_json, write_json_atomic
 from csi_oci.transfer import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("layers", nargs="?", help="local layer blobs (JSON list)")
     parser.add_argument("--registry-spec", help="serve an image's layers from its registry")
     parser.add_argument("--credentials", help="registry credentials (JSON, kept on tmpfs)")
+    parser.add_argument("--error-file", help="where to say why serving could not start (JSON)")
     parser.add_argument(
         "--standby",
         action="store_true",
@@ -381,12 +382,21 @@ def main(argv: list[str] | None = None) -> int:
         args.mountpoint = job["mountpoint"]
         args.registry_spec = job["registry_spec"]
         args.credentials = job.get("credentials")
+        args.error_file = job.get("error_file")
     if args.mountpoint is None:
         parser.error("a mountpoint is needed")
     image = None
     include = None
     if args.registry_spec:
-        readers, prefetch_mode = registry_readers(args.registry_spec, args.credentials)
+        try:
+            readers, prefetch_mode = registry_readers(args.registry_spec, args.credentials)
+        except CsiOciError as exc:
+            # Say why where the waiting publish looks (csi_oci.lazymount), by class,
+            # so the pod's event carries the right status and not a log tail.
+            if args.error_file:
+                record_start_error(Path(args.error_file), exc)
+            log.error("cannot serve %s: %s", args.registry_spec, exc)
+            return 2
         spec = json.loads(open(args.registry_spec).read())
         key = spec.get("key") or spec.get("digest", "")
         image = ServedImage(spec["reference"], key, spec.get("records_dir"))
@@ -403,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             readers.append(LazyReader(toc, fetch))  # type: ignore[arg-type]
     serve(LazyTree(readers, include), args.mountpoint, image=image)
     return 0
+
+
+def record_start_error(path: Path, exc: CsiOciError) -> None:
+    write_json_atomic(path, {"kind": type(exc).__name__, "message": str(exc)})
 
 
 def _wait_for_job() -> dict[str, str] | None:

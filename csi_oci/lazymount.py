@@ -44,7 +44,7 @@ from pathlib import Path
 
 from csi_oci import mounts
 from csi_oci.credentials import Credentials
-from csi_oci.errors import FailedPrecondition, MountError
+from csi_oci.errors import CsiOciError, FailedPrecondition, MountError, error_from_record
 from csi_oci.lazy import lazy_format
 from csi_oci.puller import ResolvedImage
 from csi_oci.store import Store, read_json, write_json_atomic
@@ -52,6 +52,7 @@ from csi_oci.store import Store, read_json, write_json_atomic
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
+START_ERROR_FILE = "start-error.json"  # written by a FUSE server that cannot start
 DEFAULT_RUNTIME_DIR = Path("/run/csi-oci")
 WAKE_SOCKET = "lazy-server.sock"
 
@@ -188,6 +189,8 @@ class LazyMounts:
         if mounts.is_mounted(mnt):
             mounts.unmount(mnt)  # a dead server's mount (ENOTCONN) is detached
         mnt.mkdir(parents=True, exist_ok=True)
+        start_error = mnt.parent / START_ERROR_FILE
+        start_error.unlink(missing_ok=True)
         log_path = mnt.parent / "lazyfs.log"
         creds = self._credentials_path(key)
         job = {
@@ -195,6 +198,7 @@ class LazyMounts:
             "registry_spec": str(mnt.parent / "image.json"),
             "credentials": str(creds) if creds.exists() else None,
             "log": str(log_path),
+            "error_file": str(start_error),
         }
         proc = self._give_to_standby(job)
         if proc is None:
@@ -202,6 +206,7 @@ class LazyMounts:
             command += ["--registry-spec", job["registry_spec"]]
             if job["credentials"]:
                 command += ["--credentials", job["credentials"]]
+            command += ["--error-file", str(start_error)]
             with open(log_path, "ab") as log_file:
                 proc = subprocess.Popen(
                     command,
@@ -224,6 +229,12 @@ class LazyMounts:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        recorded = read_json(start_error)
+        if isinstance(recorded, dict) and recorded.get("message"):
+            raise error_from_record(
+                recorded.get("kind"),
+                f"cannot serve {image['reference']} lazily: {recorded['message']}",
+            )
         tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
         raise MountError(
             f"the lazy filesystem for {image['reference']} did not start: {_last_error(tail)}"
@@ -301,9 +312,10 @@ class LazyMounts:
 
     # -- external mode ------------------------------------------------------------
 
-    def record_error(self, key: str, message: str) -> None:
+    def record_error(self, key: str, exc: CsiOciError) -> None:
         """The lazy-server's answer to a failed start, for the waiting publish."""
-        write_json_atomic(self._dir(key) / "error", {"message": message, "at": time.time()})
+        record = {"kind": type(exc).__name__, "message": str(exc), "at": time.time()}
+        write_json_atomic(self._dir(key) / "error", record)
 
     def _wait_for_lazy_server(self, key: str, reference: str) -> Path:
         error_path = self._dir(key) / "error"
@@ -314,8 +326,8 @@ class LazyMounts:
             if self.alive(key):
                 return self.mountpoint(key)
             error = read_json(error_path)
-            if error is not None:
-                raise MountError(str(error.get("message")))
+            if isinstance(error, dict):
+                raise error_from_record(error.get("kind"), str(error.get("message")))
             if time.monotonic() >= next_wake:
                 self.wake()
                 next_wake = time.monotonic() + 0.5

@@ -92,7 +92,7 @@ class LazyServer:
         pause = min(RETRY_CAP, 2.0**count)
         self._failures[digest] = _Failure(count, time.monotonic() + pause)
         log.error("could not serve %s lazily (again in %.0f s): %s", digest, pause, exc)
-        self.lazy.record_error(digest, str(exc))
+        self.lazy.record_error(digest, exc)
 
     def _unmount_orphans(self) -> None:
         if not self.lazy.root.is_dir():

@@ -30,6 +30,7 @@ from csi_oci.errors import (
     AlreadyExists,
     CsiOciError,
     FailedPrecondition,
+    IntegrityError,
     InvalidLayer,
     NotFound,
     PullInProgress,
@@ -289,7 +290,14 @@ class VolumeManager:
         upstream = (
             credentials(spec.reference.registry, spec.reference.repository) if credentials else None
         )
-        mnt = self.lazy.ensure(resolved, upstream, spec.prefetch)
+        try:
+            mnt = self.lazy.ensure(resolved, upstream, spec.prefetch)
+        except (InvalidLayer, IntegrityError):
+            # The image itself cannot be served (a hostile or corrupt TOC): no
+            # retry will change that, so nothing should keep asking for it.
+            if f"lazy:{resolved.key}" not in self.refcounts():
+                self.lazy.release(resolved.key)
+            raise
         return self._mount(volume_id, target, spec, resolved.digest, mnt, f"lazy:{resolved.key}")
 
     def check_lazy(self) -> int:

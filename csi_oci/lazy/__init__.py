@@ -16,9 +16,11 @@ returned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import tempfile
+import secrets
+import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -66,6 +68,14 @@ def open_toc(
     return zstdchunked.read_toc(annotations, fetch, blob_size)
 
 
+def _open_cache_dir(path: Path) -> int:
+    """The piece cache directory (0700, made if missing) as an fd for *at() calls."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    os.fchmod(fd, 0o700)
+    return fd
+
+
 class LazyReader:
     """Verified reads of file bytes.
 
@@ -87,7 +97,7 @@ class LazyReader:
         self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._limit = cache_pieces
         self._lock = threading.Lock()
-        self._cache_dir = cache_dir
+        self._dir_fd = _open_cache_dir(cache_dir) if cache_dir is not None else None
         self.demand = 0  # on-demand reads in progress (prefetch yields to them)
         # Totals for the metrics (csi_oci.metrics lazy stats); plain ints:
         # a lost increment under a race costs a count, never correctness.
@@ -174,41 +184,72 @@ class LazyReader:
         return zstdchunked.read_piece_zstd(compressed, piece, entry.name)
 
     def cached(self, piece: Piece) -> bool:
-        path = self._disk_path(piece)
-        return path is not None and path.exists()
-
-    def _disk_path(self, piece: Piece) -> Path | None:
-        if self._cache_dir is None or not piece.digest:
-            return None
-        return self._cache_dir / piece.digest.replace(":", "-")
+        if self._dir_fd is None or piece.digest is None:
+            return False
+        try:
+            st = os.stat(piece.digest.file_name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode)
 
     def _from_disk(self, piece: Piece) -> bytes | None:
-        path = self._disk_path(piece)
-        if path is None:
+        """A cached piece, re-verified; None if absent, not a plain file, or damaged.
+
+        The name comes only from a validated digest (`Digest.file_name`: one
+        flat component) and is opened relative to the cache directory's fd
+        with O_NOFOLLOW, so no TOC value can reach a file elsewhere.
+        """
+        if self._dir_fd is None or piece.digest is None:
             return None
+        name = piece.digest.file_name
         try:
-            data = path.read_bytes()
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
         except OSError:
-            return None
+            return None  # absent, or a symlink someone planted (ELOOP): fetch it
         try:
-            estargz.verify_piece(data, piece, "cached piece")
-        except CsiOciError:
-            path.unlink(missing_ok=True)  # torn or damaged: fetch it again
-            return None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != piece.size:
+                data = None
+            else:
+                data = os.pread(fd, piece.size, 0)
+        except OSError:
+            data = None
+        finally:
+            os.close(fd)
+        if data is not None:
+            try:
+                estargz.verify_piece(data, piece, "cached piece")
+            except CsiOciError:
+                data = None
+        if data is None:  # torn, damaged or not ours: drop it, fetch again
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=self._dir_fd)
         return data
 
     def _to_disk(self, piece: Piece, data: bytes) -> None:
-        path = self._disk_path(piece)
-        if path is None or path.exists():
+        if self._dir_fd is None or piece.digest is None or self.cached(piece):
             return
+        name = piece.digest.file_name
+        tmp = f".piece-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".piece-", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.rename(tmp, path)
+            fd = os.open(tmp, flags, 0o600, dir_fd=self._dir_fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except OSError as exc:  # a full disk costs speed, not correctness
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self._dir_fd)
             log.warning("not caching a piece of %s: %s", self.toc.format, exc)
+
+    def close(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def fetch_range(self, offset: int, length: int) -> bytes:
         """Raw blob bytes (prefetch merges several pieces into one request)."""

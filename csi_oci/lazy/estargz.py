@@ -15,7 +15,6 @@ and checked against its chunkDigest before anyone sees a byte of it.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import tarfile
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from csi_oci.digest import Digest, parse_digest
 from csi_oci.errors import IntegrityError, InvalidLayer
 from csi_oci.lazy.toc import (
     ENTRY_TYPES,
@@ -124,11 +124,11 @@ def _toc_from_tar(tar_bytes: bytes) -> bytes:
 
 
 def check_toc_digest(toc_json: bytes, expected: str) -> None:
-    algo, _, want = expected.partition(":")
-    if algo != "sha256" or hashlib.sha256(toc_json).hexdigest() != want:
+    want = parse_digest(expected, f"TOC digest annotation {TOC_DIGEST_ANNOTATION}", InvalidLayer)
+    if not want.matches(toc_json):
         raise IntegrityError(
             f"TOC digest mismatch: the layer's annotation says {expected}, the blob's TOC hashes "
-            f"to sha256:{hashlib.sha256(toc_json).hexdigest()}; not serving anything from it"
+            f"to {want.algorithm}:{want.of(toc_json)}; not serving anything from it"
         )
 
 
@@ -148,6 +148,19 @@ def _int(obj: dict[str, Any], key: str) -> int:
     return value
 
 
+def toc_digest_field(raw: dict[str, Any], key: str, name: str) -> Digest | None:
+    """A TOC entry's `digest` / `chunkDigest`: absent, or a valid digest (never a path).
+
+    These values verify the bytes served and name the files of the piece
+    cache, and the image's author wrote them: one rule (csi_oci.digest), at
+    parse, so nothing downstream ever holds an unchecked one.
+    """
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    return parse_digest(value, f"{key} of TOC entry {name!r}", InvalidLayer)
+
+
 def entry_from_toc(raw: dict[str, Any], name: str, kind: Any) -> Entry:
     """The metadata fields both TOC schemas share (eStargz's and containers/storage's)."""
     if kind not in ENTRY_TYPES:
@@ -164,7 +177,7 @@ def entry_from_toc(raw: dict[str, Any], name: str, kind: Any) -> Entry:
         dev_major=_int(raw, "devMajor"),
         dev_minor=_int(raw, "devMinor"),
         xattrs=_xattrs(raw),
-        digest=raw.get("digest") or None,
+        digest=toc_digest_field(raw, "digest", name),
     )
     if kind == "hardlink":
         entry.link_name = normalize_name(entry.link_name, f"TOC hard link {name!r}")
@@ -217,7 +230,7 @@ def parse_toc_json(toc_json: bytes, toc_offset: int, fmt: str, compression: str)
 def _piece(raw: dict[str, Any], entry: Entry) -> Piece:
     chunk_offset = _int(raw, "chunkOffset")
     size = _int(raw, "chunkSize")  # 0 = to the end of the file (settled later)
-    digest = raw.get("chunkDigest") or None
+    digest = toc_digest_field(raw, "chunkDigest", entry.name)
     return Piece(
         offset=_int(raw, "offset"),
         end=0,
@@ -267,9 +280,7 @@ def _xattrs(raw: dict[str, Any]) -> dict[str, bytes]:
 def verify_piece(data: bytes, piece: Piece, name: str) -> bytes:
     if piece.digest is None:
         raise InvalidLayer(f"{name}: piece at file offset {piece.chunk_offset} has no digest")
-    algo, _, want = piece.digest.partition(":")
-    got = hashlib.new(algo, data).hexdigest() if algo in ("sha256", "sha512") else ""
-    if got != want:
+    if not piece.digest.matches(data):
         raise IntegrityError(
             f"{name}: bytes {piece.chunk_offset}..{piece.chunk_offset + piece.size} do not match "
             f"{piece.digest} (tampered or corrupt blob); not served"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from csi_oci.digest import Digest
 from csi_oci.errors import InvalidLayer
 
 # Files the formats add to the layer root for their own use: never shown.
@@ -29,7 +30,7 @@ class Piece:
     inner_offset: int  # uncompressed bytes to skip inside the member (eStargz innerOffset)
     chunk_offset: int  # where this span starts in the file
     size: int  # uncompressed length of the span
-    digest: str | None  # sha256 of the span (chunkDigest, or the file digest if one piece)
+    digest: Digest | None  # of the span (chunkDigest, or the file digest if one piece)
     zeros: bool = False  # containers/storage "zeros" chunk: synthesized, never fetched
 
 
@@ -46,7 +47,7 @@ class Entry:
     dev_major: int = 0
     dev_minor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
-    digest: str | None = None
+    digest: Digest | None = None
     pieces: list[Piece] = field(default_factory=list)
 
     def pieces_for(self, offset: int, length: int) -> list[Piece]:

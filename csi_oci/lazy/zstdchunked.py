@@ -16,12 +16,12 @@ skippable frame) is only a fallback for locating the TOC, never for trust.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from typing import Any
 
 import zstandard
 
+from csi_oci.digest import parse_digest
 from csi_oci.errors import IntegrityError, InvalidLayer
 from csi_oci.lazy.estargz import (
     MAX_TOC_BYTES,
@@ -32,6 +32,7 @@ from csi_oci.lazy.estargz import (
     check_toc_digest,
     entry_from_toc,
     parse_toc_json,
+    toc_digest_field,
     toc_entries,
     verify_piece,
 )
@@ -121,11 +122,11 @@ def read_toc(media_annotations: dict[str, str], fetch: Fetch, blob_size: int) ->
     checksum = annotation(media_annotations, "manifest-checksum")
     if checksum is None:
         raise InvalidLayer("zstd:chunked layer without a manifest-checksum annotation")
-    algo, _, want = checksum.partition(":")
-    if algo != "sha256" or hashlib.sha256(compressed).hexdigest() != want:
+    want = parse_digest(checksum, "zstd:chunked manifest-checksum annotation", InvalidLayer)
+    if not want.matches(compressed):
         raise IntegrityError(
             f"zstd:chunked TOC checksum mismatch: the annotation says {checksum}, the TOC at "
-            f"{offset} hashes to sha256:{hashlib.sha256(compressed).hexdigest()}"
+            f"{offset} hashes to {want.algorithm}:{want.of(compressed)}"
         )
     toc_json = _unzstd(compressed, max(ulength, 1), "zstd:chunked TOC")
     return parse_containers_toc(toc_json, frame_start)
@@ -142,14 +143,14 @@ def parse_containers_toc(toc_json: bytes, toc_offset: int) -> TOC:
             entry = entries.get(name)
             if entry is None or entry.type != "reg":
                 raise InvalidLayer(f"TOC chunk for {name!r} has no file before it")
-            entry.pieces.append(_containers_piece(raw))
+            entry.pieces.append(_containers_piece(raw, name))
             continue
         if not name:
             continue
         entry = entry_from_toc(raw, name, kind)
         if kind == "reg" and entry.size > 0:
             if raw.get("chunkDigest"):
-                entry.pieces.append(_containers_piece(raw))
+                entry.pieces.append(_containers_piece(raw, name))
             else:
                 entry.pieces.append(Piece(_int(raw, "offset"), 0, 0, 0, entry.size, entry.digest))
             ends[name] = _int(raw, "endOffset")
@@ -161,14 +162,14 @@ def parse_containers_toc(toc_json: bytes, toc_offset: int) -> TOC:
     return TOC("zstd:chunked/containers", "zstd", entries, toc_offset, None)
 
 
-def _containers_piece(raw: dict[str, Any]) -> Piece:
+def _containers_piece(raw: dict[str, Any], name: str) -> Piece:
     return Piece(
         offset=_int(raw, "offset"),
         end=0,
         inner_offset=0,
         chunk_offset=_int(raw, "chunkOffset"),
         size=_int(raw, "chunkSize"),
-        digest=raw.get("chunkDigest") or None,
+        digest=toc_digest_field(raw, "chunkDigest", name),
         zeros=raw.get("chunkType") == "zeros",
     )
 

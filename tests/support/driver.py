@@ -199,3 +199,72 @@ def tree_of(root: Path) -> dict[str, object]:
             else:
                 out[rel] = full.read_bytes()
     return out
+
+
+class LazyServerProcess:
+    """`csi-oci lazy-server` on a state dir, as the DaemonSet's second container."""
+
+    def __init__(self, state_dir: Path, runtime_dir: Path, log_path: Path) -> None:
+        self.state_dir, self.runtime_dir, self.log_path = state_dir, runtime_dir, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "csi_oci.cli",
+                    "lazy-server",
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--runtime-dir",
+                    str(self.runtime_dir),
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        socket_path = self.state_dir / "lazy" / "lazy-server.sock"
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log_text()
+            time.sleep(0.05)
+
+    def fuse_pids(self) -> list[int]:
+        """The live FUSE servers of this state dir (each writes its pid file)."""
+        return fuse_pids(self.state_dir)
+
+    def kill_container(self) -> None:
+        """SIGKILL the lazy-server and all its FUSE servers: a container restart."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        for pid in self.fuse_pids():
+            os.kill(pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def fuse_log_text(self) -> str:
+        return "".join(
+            p.read_text(errors="replace") for p in (self.state_dir / "lazy").glob("*/lazyfs.log")
+        )
+
+
+def fuse_pids(state_dir: Path) -> list[int]:
+    found = []
+    for pid_file in (state_dir / "lazy").glob("*/server.pid"):
+        pid = int(pid_file.read_text())
+        try:
+            if b"csi_oci.lazyfs" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue  # exited
+    return found
