@@ -51,7 +51,7 @@ _TYPE_BITS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     inode: int
     entry: Entry | None  # None: a directory the TOCs only imply
@@ -131,8 +131,11 @@ class LazyTree:
             existing = parent.children.get(parts[-1])
             if entry.type == "hardlink":
                 target = by_name.get(entry.link_name)
-                if target is None:
-                    continue  # a link to something this layer does not hold: skip it
+                if target is None or self._is_dir(target):
+                    # A link to something this layer does not hold: skip it. A link
+                    # to a directory is never made (tar cannot say it, and in a TOC
+                    # it would let a directory contain itself): skip that too.
+                    continue
                 parent.children[parts[-1]] = target
                 continue
             if entry.type == "dir" and existing is not None and self._is_dir(existing):
@@ -144,15 +147,17 @@ class LazyTree:
             by_name[entry.name] = node
 
     def _count_links(self, node: Node) -> None:
+        """Each node's link count; each directory is walked once (no recursion,
+        and a directory met twice is never entered again, so nothing loops)."""
         seen: dict[int, int] = {}
-
-        def walk(n: Node) -> None:
-            for child in n.children.values():
+        walked = {node.inode}
+        todo = [node]
+        while todo:
+            for child in todo.pop().children.values():
                 seen[child.inode] = seen.get(child.inode, 0) + 1
-                if self._is_dir(child):
-                    walk(child)
-
-        walk(node)
+                if self._is_dir(child) and child.inode not in walked:
+                    walked.add(child.inode)
+                    todo.append(child)
         for inode, count in seen.items():
             self.nodes[inode].nlink = count
 
@@ -508,7 +513,7 @@ def registry_readers(
     at start: a restarted server reads it again.
     """
     from csi_oci.credentials import Credentials
-    from csi_oci.lazy import open_toc
+    from csi_oci.lazy import TocBudget, open_toc
     from csi_oci.manifest import Descriptor
     from csi_oci.reference import parse_reference
     from csi_oci.registry import RegistryClient
@@ -524,13 +529,14 @@ def registry_readers(
     # next read tries again), rather than a pull's patient backoff.
     client.policy = ON_DEMAND_RETRIES
     readers = []
+    budget = TocBudget()  # the image's layers share one bound on TOC entries and bytes
     for layer in spec["layers"]:
         desc = Descriptor(layer["media_type"], layer["digest"], layer["size"], layer["annotations"])
 
         def fetch(offset: int, length: int, desc: Descriptor = desc) -> bytes:
             return client.fetch_range(desc, offset, length)
 
-        toc = open_toc(desc.media_type, desc.annotations, desc.size, fetch)
+        toc = open_toc(desc.media_type, desc.annotations, desc.size, fetch, budget)
         cache_dir = Path(spec["cache_dir"]) if spec.get("cache_dir") else None
         readers.append(LazyReader(toc, fetch, cache_dir=cache_dir))
         log.info("layer %s: %s, %d entries", desc.digest, toc.format, len(toc.entries))

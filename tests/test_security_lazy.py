@@ -254,3 +254,200 @@ def test_lazy_volume_never_reads_or_creates_host_files(
         if lazy_server is not None:
             lazy_server.stop()
     assert_canaries_untouched(secret, planted, tmp_path / "nowhere")
+
+
+# -- finding 4: TOC size, entries, pieces and hardlinks are bounded ------------------------------
+
+
+def parse_estargz(toc: dict, toc_offset: int = 1 << 30):
+    import json
+
+    from csi_oci.lazy.estargz import parse_toc_json
+
+    return parse_toc_json(json.dumps(toc).encode(), toc_offset, "estargz", "gzip")
+
+
+def reg(name, size, **extra):
+    return {"name": name, "type": "reg", "size": size, "offset": 100, **extra}
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        (reg("f", 5, chunkDigest="sha256:" + "a" * 64, offset=(1 << 30) + 5), "extent"),
+        (reg("f", 5, chunkDigest="sha256:" + "a" * 64, offset=-1), "non-negative"),
+        (reg("f", 1 << 30, chunkDigest="sha256:" + "a" * 64), "at most"),
+        (reg("f", 5, chunkDigest="sha256:" + "a" * 64, innerOffset=1 << 30), "at most"),
+    ],
+)
+def test_pieces_outside_the_blob_or_too_large_are_refused(entry, match):
+    with pytest.raises(InvalidLayer, match=match):
+        parse_estargz({"version": 1, "entries": [entry]})
+
+
+def test_a_piece_whose_range_runs_to_a_far_toc_is_refused():
+    """One piece at 0 and the TOC 10 GiB later: one read would fetch 10 GiB."""
+    entry = reg("f", 5, chunkDigest="sha256:" + "a" * 64, offset=0)
+    with pytest.raises(InvalidLayer, match="compressed bytes"):
+        parse_estargz({"version": 1, "entries": [entry]}, toc_offset=10 << 30)
+
+
+def test_empty_pieces_are_refused():
+    """Zero-size chunks could tile a file with any number of pieces."""
+    digest = "sha256:" + "a" * 64
+    entries = [reg("f", 5, chunkDigest=digest, chunkSize=0, offset=100)]
+    entries += [
+        {
+            "name": "f",
+            "type": "chunk",
+            "offset": 100,
+            "chunkOffset": 0,
+            "chunkSize": 0,
+            "chunkDigest": digest,
+        }
+    ] * 3
+    with pytest.raises(InvalidLayer):
+        parse_estargz({"version": 1, "entries": entries})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"version": 2, "entries": []}',
+        b'{"version": true, "entries": []}',
+        b'{"entries": []}',
+        b'{"version": 1}',
+        b'{"version": 1, "entries": [], "entries": []}',
+        b'{"version": 1, "entries": [1]}',
+        b'{"version": 1, "entries": []} trailing',
+        b'{"version": 1, "entries": [' + b"[" * 100_000 + b"]",
+        b"[]",
+        b"\xff\xfe",
+        b"",
+    ],
+)
+def test_malformed_toc_json_is_a_clean_refusal(text):
+    from csi_oci.lazy.estargz import parse_toc_json
+
+    with pytest.raises(InvalidLayer):
+        parse_toc_json(text, 1 << 20, "estargz", "gzip")
+
+
+def test_the_entry_budget_refuses_at_the_first_entry_too_many():
+    from csi_oci.lazy.toc import TocBudget, iter_toc_entries
+
+    text = (
+        b'{"version": 1, "entries": [' + b",".join([b'{"name": "d", "type": "dir"}'] * 11) + b"]}"
+    )
+    seen = []
+    with pytest.raises(InvalidLayer, match="more than 10 entries"):
+        for raw in iter_toc_entries(text, "TOC", TocBudget(max_entries=10)):
+            seen.append(raw)
+    assert len(seen) == 10
+
+
+def test_a_hardlink_to_a_directory_cannot_make_a_cycle(blobs, tmp_path):
+    """`a/loop` hard-linked to `a`: the link count walk used to recurse forever."""
+    from csi_oci.lazyfs import LazyTree
+
+    def edit(toc):
+        toc["entries"].append({"name": "models/loop", "type": "hardlink", "linkName": "models/"})
+        toc["entries"].append({"name": "models/again", "type": "hardlink", "linkName": "a.txt"})
+
+    hostile = rewrite_estargz_toc(blobs["estargz"], edit)
+    toc = open_toc(hostile.media_type, hostile.annotations, hostile.size, fetch_of(hostile))
+    tree = LazyTree([LazyReader(toc, fetch_of(hostile))])
+    models = tree.root.children["models"]
+    assert "loop" not in models.children  # a directory is never hard-linked
+    assert models.children["again"] is tree.root.children["a.txt"]
+    assert tree.root.children["a.txt"].nlink == 2
+
+
+PEAK_RSS = """
+import json, sys
+def hwm():  # VmHWM: this process's own peak (ru_maxrss carries the forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+from csi_oci.lazy import open_toc
+from csi_oci.errors import CsiOciError
+meta = json.loads(open(sys.argv[1] + ".json").read())
+data = open(sys.argv[1], "rb").read()
+fetch = lambda offset, length: data[offset : offset + length]
+base = hwm()
+try:
+    toc = open_toc(meta["media_type"], meta["annotations"], len(data), fetch)
+    from csi_oci.lazy import LazyReader
+    from csi_oci.lazyfs import LazyTree
+    tree = LazyTree([LazyReader(toc, fetch)])  # what the FUSE server then serves
+    outcome = "served %d entries, %d nodes" % (len(toc.entries), len(tree.nodes))
+except CsiOciError as exc:
+    outcome = "refused: %s: %s" % (type(exc).__name__, str(exc)[:160])
+print(json.dumps({"outcome": outcome, "peak_mb": hwm(), "base_mb": base}))
+"""
+
+
+def peak_rss_of_opening(blob, path: Path) -> dict:
+    """Open the layer's TOC in a fresh process, as a FUSE server does; its peak RSS."""
+    import json
+    import subprocess
+    import sys
+
+    path.write_bytes(blob.blob)
+    path.with_name(path.name + ".json").write_text(
+        json.dumps({"media_type": blob.media_type, "annotations": blob.annotations})
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, timeout=300, check=True
+    )
+    result = json.loads(proc.stdout)
+    print(f"\n[hostile TOC] {path.name}: {result}")
+    return result
+
+
+def _toc_bomb(kind: str, n: int) -> bytes:
+    if kind == "dirs":
+        entries = ",".join(f'{{"name":"d{i}/","type":"dir"}}' for i in range(n))
+        return b'{"version":1,"entries":[' + entries.encode() + b"]}"
+    if kind == "whitespace":
+        return b'{"version":1,"entries":[' + b" " * n + b"]}"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "n", "refused"),
+    [
+        ("dirs", 300_000, True),  # over the entry budget
+        ("dirs", 249_000, False),  # just under it: the worst an image may cost
+        ("whitespace", 40 << 20, True),  # over the JSON byte cap, tiny compressed
+    ],
+)
+def test_a_hostile_toc_keeps_a_fuse_server_small(blobs, tmp_path, kind, n, refused):
+    from csi_oci.lazy.toc import MAX_IMAGE_TOC_ENTRIES
+
+    assert kind != "dirs" or (n > MAX_IMAGE_TOC_ENTRIES) == refused
+    hostile = rewrite_estargz_toc(blobs["estargz"], None, raw_json=_toc_bomb(kind, n))
+    result = peak_rss_of_opening(hostile, tmp_path / f"{kind}-{n}")
+    assert result["outcome"].startswith("refused") == refused, result
+    assert result["peak_mb"] < 260, result
+
+
+def test_a_gzip_bomb_for_a_toc_stops_at_the_cap(blobs, tmp_path):
+    """The TOC member inflates to 512 MiB: the driver stops inflating at the cap."""
+    import zlib
+
+    from csi_oci.lazy.toc import MAX_TOC_JSON_BYTES
+
+    lazy = blobs["estargz"]
+    offset = int(lazy.blob[-51:][16:32].decode(), 16)
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31)
+    header = bytearray(512)
+    header[:17] = b"stargz.index.json"
+    member = comp.compress(bytes(header)) + comp.compress(bytes(512 << 20)) + comp.flush()
+    blob = lazy.blob[:offset] + member + lazy.blob[-51:]
+    from dataclasses import replace
+
+    hostile = replace(lazy, blob=blob)
+    result = peak_rss_of_opening(hostile, tmp_path / "gzip-bomb")
+    assert result["outcome"].startswith("refused"), result
+    assert result["peak_mb"] < 100 + 2 * MAX_TOC_JSON_BYTES / (1 << 20), result

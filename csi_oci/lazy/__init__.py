@@ -27,7 +27,7 @@ from pathlib import Path
 
 from csi_oci.errors import CsiOciError, InvalidLayer, NotFound
 from csi_oci.lazy import estargz, zstdchunked
-from csi_oci.lazy.toc import TOC, Entry, Piece
+from csi_oci.lazy.toc import TOC, Entry, Piece, TocBudget
 
 GZIP_TYPES = (
     "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -36,6 +36,9 @@ GZIP_TYPES = (
 ZSTD_TYPES = ("application/vnd.oci.image.layer.v1.tar+zstd",)
 
 log = logging.getLogger(__name__)
+
+MEMORY_CACHE_BYTES = 32 << 20  # verified pieces kept in memory per layer
+MERGE_FETCH_BYTES = 16 << 20  # one range request for adjacent missing pieces, at most
 
 
 class NotLazy(InvalidLayer):
@@ -55,8 +58,13 @@ def lazy_format(media_type: str, annotations: dict[str, str]) -> str | None:
 
 
 def open_toc(
-    media_type: str, annotations: dict[str, str], blob_size: int, fetch: estargz.Fetch
+    media_type: str,
+    annotations: dict[str, str],
+    blob_size: int,
+    fetch: estargz.Fetch,
+    budget: TocBudget | None = None,
 ) -> TOC:
+    """The verified TOC of a layer; `budget` is shared by the layers of one image."""
     fmt = lazy_format(media_type, annotations)
     if fmt is None:
         raise NotLazy(
@@ -64,8 +72,10 @@ def open_toc(
             "without one nothing can be verified before the whole blob is downloaded"
         )
     if fmt == "estargz":
-        return estargz.read_toc(fetch, blob_size, annotations[estargz.TOC_DIGEST_ANNOTATION])
-    return zstdchunked.read_toc(annotations, fetch, blob_size)
+        return estargz.read_toc(
+            fetch, blob_size, annotations[estargz.TOC_DIGEST_ANNOTATION], budget
+        )
+    return zstdchunked.read_toc(annotations, fetch, blob_size, budget)
 
 
 def _open_cache_dir(path: Path) -> int:
@@ -89,13 +99,14 @@ class LazyReader:
         self,
         toc: TOC,
         fetch: estargz.Fetch,
-        cache_pieces: int = 64,
+        cache_bytes: int = MEMORY_CACHE_BYTES,
         cache_dir: Path | None = None,
     ) -> None:
         self.toc = toc
         self._fetch = fetch
         self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
-        self._limit = cache_pieces
+        self._cache_bytes = 0
+        self._limit = cache_bytes
         self._lock = threading.Lock()
         self._dir_fd = _open_cache_dir(cache_dir) if cache_dir is not None else None
         self.demand = 0  # on-demand reads in progress (prefetch yields to them)
@@ -135,11 +146,23 @@ class LazyReader:
             self.fetched_bytes += len(compressed)
             data = self.decode(entry, piece, compressed)
             self._to_disk(piece, data)
-        with self._lock:
-            self._cache[key] = data
-            while len(self._cache) > self._limit:
-                self._cache.popitem(last=False)
+        self._remember(key, data)
         return data
+
+    def _remember(self, key: tuple[int, int, int], data: bytes) -> None:
+        """Keep a verified piece in memory; the cache is bounded in bytes, not pieces
+        (a piece may be up to MAX_PIECE_BYTES)."""
+        with self._lock:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cache_bytes -= len(old)
+            if len(data) > self._limit:
+                return
+            self._cache[key] = data
+            self._cache_bytes += len(data)
+            while self._cache_bytes > self._limit:
+                _, dropped = self._cache.popitem(last=False)
+                self._cache_bytes -= len(dropped)
 
     def _fetch_adjacent_together(self, entry: Entry, pieces: list[Piece]) -> None:
         """One range request for each run of missing pieces that touch in the blob.
@@ -157,7 +180,11 @@ class LazyReader:
             ]
         runs: list[list[Piece]] = []
         for piece in missing:
-            if runs and piece.offset <= runs[-1][-1].end and piece.offset >= runs[-1][0].offset:
+            if (
+                runs
+                and runs[-1][0].offset <= piece.offset <= runs[-1][-1].end
+                and max(piece.end, runs[-1][-1].end) - runs[-1][0].offset <= MERGE_FETCH_BYTES
+            ):
                 runs[-1].append(piece)
             else:
                 runs.append([piece])
@@ -172,10 +199,7 @@ class LazyReader:
                 span = compressed[piece.offset - start : piece.end - start]
                 data = self.decode(entry, piece, span)
                 self._to_disk(piece, data)
-                with self._lock:
-                    self._cache[(piece.offset, piece.inner_offset, piece.size)] = data
-                    while len(self._cache) > self._limit:
-                        self._cache.popitem(last=False)
+                self._remember((piece.offset, piece.inner_offset, piece.size), data)
 
     def decode(self, entry: Entry, piece: Piece, compressed: bytes) -> bytes:
         """Decompress and verify one piece (IntegrityError if it does not match)."""
@@ -292,4 +316,13 @@ class LazyReader:
         return self.read(name, 0, entry.size)
 
 
-__all__ = ["TOC", "Entry", "LazyReader", "NotLazy", "Piece", "lazy_format", "open_toc"]
+__all__ = [
+    "TOC",
+    "Entry",
+    "LazyReader",
+    "NotLazy",
+    "Piece",
+    "TocBudget",
+    "lazy_format",
+    "open_toc",
+]

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -27,12 +26,17 @@ from csi_oci.digest import Digest, parse_digest
 from csi_oci.errors import IntegrityError, InvalidLayer
 from csi_oci.lazy.toc import (
     ENTRY_TYPES,
+    MAX_TOC_COMPRESSED_BYTES,
+    MAX_TOC_JSON_BYTES,
+    NO_XATTRS,
     PREFETCH_LANDMARK,
     TOC,
     Entry,
     Piece,
+    TocBudget,
     check_coverage,
     finish_pieces,
+    iter_toc_entries,
     normalize_name,
 )
 
@@ -41,7 +45,6 @@ UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 TOC_NAME = "stargz.index.json"
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
-MAX_TOC_BYTES = 150 << 20  # c/storage's cap too: a bigger TOC is an attack or a mistake
 TAIL_FETCH = 1 << 20  # one request usually brings the footer and the TOC
 
 Fetch = Callable[[int, int], bytes]  # (offset, length) -> exactly those blob bytes
@@ -87,21 +90,26 @@ def gunzip_member(data: bytes, limit: int, what: str) -> bytes:
     return out
 
 
-def read_toc(fetch: Fetch, blob_size: int, toc_digest: str) -> TOC:
+def read_toc(fetch: Fetch, blob_size: int, toc_digest: str, budget: TocBudget | None = None) -> TOC:
     """Locate, verify and parse the TOC of an eStargz blob."""
     tail_len = min(blob_size, TAIL_FETCH)
     tail = fetch(blob_size - tail_len, tail_len)
     toc_offset, footer_size = parse_footer(tail)
     toc_end = blob_size - footer_size
-    if not 0 <= toc_offset < toc_end or toc_end - toc_offset > MAX_TOC_BYTES:
+    if not 0 <= toc_offset < toc_end:
         raise InvalidLayer(f"eStargz footer: TOC offset {toc_offset} is outside the blob")
+    if toc_end - toc_offset > MAX_TOC_COMPRESSED_BYTES:
+        raise InvalidLayer(
+            f"eStargz TOC of {toc_end - toc_offset} compressed bytes is larger than the "
+            f"{MAX_TOC_COMPRESSED_BYTES} allowed"
+        )
     if toc_offset >= blob_size - tail_len:
         compressed = tail[toc_offset - (blob_size - tail_len) : len(tail) - footer_size]
     else:
         compressed = fetch(toc_offset, toc_end - toc_offset)
-    toc_json = _toc_from_tar(gunzip_member(compressed, MAX_TOC_BYTES + 4096, "eStargz TOC"))
+    toc_json = _toc_from_tar(gunzip_member(compressed, MAX_TOC_JSON_BYTES + 4096, "eStargz TOC"))
     check_toc_digest(toc_json, toc_digest)
-    return parse_toc_json(toc_json, toc_offset, "estargz", "gzip")
+    return parse_toc_json(toc_json, toc_offset, "estargz", "gzip", budget)
 
 
 def _toc_from_tar(tar_bytes: bytes) -> bytes:
@@ -111,7 +119,7 @@ def _toc_from_tar(tar_bytes: bytes) -> bytes:
             member = tf.next()
             if member is None or member.name != TOC_NAME or not member.isreg():
                 raise InvalidLayer(f"eStargz TOC member does not start with {TOC_NAME}")
-            if member.size > MAX_TOC_BYTES:
+            if member.size > MAX_TOC_JSON_BYTES:
                 raise InvalidLayer(f"eStargz TOC of {member.size} bytes is too large")
             src = tf.extractfile(member)
             assert src is not None
@@ -184,25 +192,17 @@ def entry_from_toc(raw: dict[str, Any], name: str, kind: Any) -> Entry:
     return entry
 
 
-def toc_entries(toc_json: bytes, what: str) -> list[dict[str, Any]]:
-    """The `entries` of a version-1 TOC, each checked to be an object."""
-    try:
-        doc = json.loads(toc_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidLayer(f"{what} is not valid JSON: {exc}") from None
-    entries = doc.get("entries") if isinstance(doc, dict) else None
-    if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(entries, list):
-        raise InvalidLayer(f"{what} is not a version 1 TOC with entries")
-    if not all(isinstance(raw, dict) for raw in entries):
-        raise InvalidLayer(f"{what}: an entry is not an object")
-    return entries
-
-
-def parse_toc_json(toc_json: bytes, toc_offset: int, fmt: str, compression: str) -> TOC:
+def parse_toc_json(
+    toc_json: bytes,
+    toc_offset: int,
+    fmt: str,
+    compression: str,
+    budget: TocBudget | None = None,
+) -> TOC:
     """The eStargz TOC schema (`version` 1, `entries`), as stargz-snapshotter writes it."""
     entries: dict[str, Entry] = {}
     prefetch_end = None
-    for raw in toc_entries(toc_json, "eStargz TOC"):
+    for raw in iter_toc_entries(toc_json, "eStargz TOC", budget):
         kind = raw.get("type")
         name = normalize_name(str(raw.get("name", "")), "TOC entry")
         if kind == "chunk":
@@ -223,7 +223,7 @@ def parse_toc_json(toc_json: bytes, toc_offset: int, fmt: str, compression: str)
     finish_pieces(data_entries, toc_offset)
     for entry in data_entries:
         _settle_sizes(entry)
-        check_coverage(entry)
+        check_coverage(entry, toc_offset)
     return TOC(fmt, compression, entries, toc_offset, prefetch_end)
 
 
@@ -267,8 +267,10 @@ def _settle_sizes(entry: Entry) -> None:
     entry.pieces = settled
 
 
-def _xattrs(raw: dict[str, Any]) -> dict[str, bytes]:
+def _xattrs(raw: dict[str, Any]) -> Mapping[str, bytes]:
     value = raw.get("xattrs") or {}
+    if not value:
+        return NO_XATTRS
     if not isinstance(value, dict):
         raise InvalidLayer(f"TOC entry {raw.get('name')!r}: xattrs is not an object")
     try:

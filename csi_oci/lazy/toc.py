@@ -10,7 +10,12 @@ module holds that model and the name rules; the format modules fill it.
 from __future__ import annotations
 
 import bisect
+import json
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from csi_oci.digest import Digest
 from csi_oci.errors import InvalidLayer
@@ -18,10 +23,149 @@ from csi_oci.errors import InvalidLayer
 # Files the formats add to the layer root for their own use: never shown.
 HIDDEN_ROOT_NAMES = frozenset({"stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"})
 PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})  # shared: most entries have none
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo"})
 
+# Bounds on what a TOC may make a FUSE server hold. The image's author writes
+# the TOC, and every lazily served image shares the lazy-server container's
+# memory, so each is checked while parsing, before anything is built on it.
+# Real layers sit below: a 4 GiB model written by skopeo as zstd:chunked (64 KiB
+# content-defined chunks) has 65,000 entries and 12 MiB of TOC JSON; eStargz's
+# 4 MiB chunks make a 100 GiB model 25,000 entries. Measured worst case under
+# these caps (tests/test_security_lazy.py): a FUSE server peaks near 235 MB
+# (250,000 directories: TOC text, parsed entries and the FUSE tree).
+MAX_TOC_COMPRESSED_BYTES = 32 << 20  # one layer's TOC as stored in the blob
+MAX_TOC_JSON_BYTES = 32 << 20  # one layer's TOC, decompressed
+MAX_IMAGE_TOC_JSON_BYTES = 128 << 20  # every layer of one image together
+MAX_IMAGE_TOC_ENTRIES = 250_000  # entries and chunks of every layer of one image
+# One piece is decompressed whole to be verified: its span (plus the bytes
+# skipped inside a shared gzip member) and its compressed range are capped.
+MAX_PIECE_BYTES = 64 << 20
+MAX_PIECE_EXTENT = MAX_PIECE_BYTES + (MAX_PIECE_BYTES >> 6) + (1 << 20)  # stored-block overhead
 
-@dataclass(frozen=True)
+
+class TocBudget:
+    """What the TOCs of one image may cost, charged layer by layer while parsing."""
+
+    def __init__(
+        self,
+        max_entries: int = MAX_IMAGE_TOC_ENTRIES,
+        max_json_bytes: int = MAX_IMAGE_TOC_JSON_BYTES,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_json_bytes = max_json_bytes
+        self.entries = 0
+        self.json_bytes = 0
+
+    def charge_json(self, n: int, what: str) -> None:
+        if n > MAX_TOC_JSON_BYTES:
+            raise InvalidLayer(
+                f"{what} is {n} bytes, more than the {MAX_TOC_JSON_BYTES} a layer's TOC may have"
+            )
+        self.json_bytes += n
+        if self.json_bytes > self.max_json_bytes:
+            raise InvalidLayer(
+                f"{what}: the image's TOCs add up to more than {self.max_json_bytes} bytes"
+            )
+
+    def charge_entry(self, what: str) -> None:
+        self.entries += 1
+        if self.entries > self.max_entries:
+            raise InvalidLayer(
+                f"{what}: the image's TOCs hold more than {self.max_entries} entries; "
+                "serve it with mode unpack"
+            )
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def iter_toc_entries(
+    toc_json: bytes, what: str, budget: TocBudget | None = None
+) -> Iterator[dict[str, Any]]:
+    """The `entries` of a version-1 TOC, one object at a time.
+
+    json.loads would build every entry as a dict before the first could be
+    counted: a TOC of millions of tiny entries costs gigabytes that way. Here
+    the top-level object is walked by hand and each entry decoded alone, so
+    the budget refuses a TOC at its first entry too many, and what is held at
+    once is the TOC text and the entries kept so far. `version` is checked
+    when the object ends (it may come after `entries`), so callers must
+    consume every entry before trusting what they built.
+    """
+    budget = budget or TocBudget()
+    budget.charge_json(len(toc_json), what)
+    try:
+        text = toc_json.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidLayer(f"{what} is not UTF-8: {exc}") from None
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int) -> int:
+        match = _WHITESPACE.match(text, pos)
+        return match.end() if match else pos
+
+    def expect(pos: int, char: str) -> int:
+        pos = skip(pos)
+        if text[pos : pos + 1] != char:
+            raise InvalidLayer(f"{what} is not valid JSON: expected {char!r} at {pos}")
+        return pos + 1
+
+    def value(pos: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, skip(pos))
+        except json.JSONDecodeError as exc:
+            raise InvalidLayer(f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidLayer(f"{what} is not valid JSON: nested too deeply") from None
+
+    version: Any = None
+    seen_entries = False
+    pos = expect(0, "{")
+    if text[skip(pos) : skip(pos) + 1] == "}":
+        raise InvalidLayer(f"{what} is not a version 1 TOC with entries")
+    while True:
+        key, pos = value(pos)
+        if not isinstance(key, str):
+            raise InvalidLayer(f"{what} is not valid JSON: an object key is not a string")
+        pos = expect(pos, ":")
+        if key == "entries":
+            if seen_entries:
+                raise InvalidLayer(f"{what} has two entries lists")
+            seen_entries = True
+            pos = expect(pos, "[")
+            if text[skip(pos) : skip(pos) + 1] == "]":
+                pos = skip(pos) + 1
+            else:
+                while True:
+                    raw, pos = value(pos)
+                    if not isinstance(raw, dict):
+                        raise InvalidLayer(f"{what}: an entry is not an object")
+                    budget.charge_entry(what)
+                    yield raw
+                    pos = skip(pos)
+                    if text[pos : pos + 1] == ",":
+                        pos += 1
+                        continue
+                    pos = expect(pos, "]")
+                    break
+        else:
+            item, pos = value(pos)
+            if key == "version":
+                version = item
+        pos = skip(pos)
+        if text[pos : pos + 1] == ",":
+            pos += 1
+            continue
+        pos = expect(pos, "}")
+        break
+    if skip(pos) != len(text):
+        raise InvalidLayer(f"{what} is not valid JSON: extra data after the TOC")
+    if version != 1 or isinstance(version, bool) or not seen_entries:
+        raise InvalidLayer(f"{what} is not a version 1 TOC with entries")
+
+
+@dataclass(frozen=True, slots=True)
 class Piece:
     """One verifiable span of a file: compressed [offset, end) -> file[chunk_offset:+size]."""
 
@@ -34,7 +178,7 @@ class Piece:
     zeros: bool = False  # containers/storage "zeros" chunk: synthesized, never fetched
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     name: str  # normalised: relative, no leading "./" or trailing "/"
     type: str
@@ -46,7 +190,7 @@ class Entry:
     link_name: str = ""
     dev_major: int = 0
     dev_minor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    xattrs: Mapping[str, bytes] = field(default_factory=lambda: NO_XATTRS)
     digest: Digest | None = None
     pieces: list[Piece] = field(default_factory=list)
 
@@ -118,11 +262,13 @@ def finish_pieces(entries: list[Entry], toc_offset: int) -> None:
         entry.pieces = fixed
 
 
-def check_coverage(entry: Entry) -> None:
-    """Pieces must tile the file exactly: no gap, no overlap, no overrun."""
+def check_coverage(entry: Entry, toc_offset: int) -> None:
+    """Pieces must tile the file exactly (no gap, overlap, overrun or empty piece),
+    and each must be a bounded range of the payload area, before the TOC."""
     position = 0
     for piece in entry.pieces:
-        if piece.chunk_offset != position or piece.size < 0:
+        check_piece_bounds(entry, piece, toc_offset)
+        if piece.chunk_offset != position or piece.size <= 0:
             raise InvalidLayer(
                 f"TOC entry {entry.name!r}: pieces do not tile the file at {position}"
             )
@@ -130,4 +276,26 @@ def check_coverage(entry: Entry) -> None:
     if entry.size and position != entry.size:
         raise InvalidLayer(
             f"TOC entry {entry.name!r}: pieces cover {position} bytes of {entry.size}"
+        )
+
+
+def check_piece_bounds(entry: Entry, piece: Piece, toc_offset: int) -> None:
+    """What one read of this piece would fetch and decompress stays bounded and in the blob."""
+    if piece.inner_offset + piece.size > MAX_PIECE_BYTES:
+        raise InvalidLayer(
+            f"TOC entry {entry.name!r}: a piece of {piece.inner_offset + piece.size} bytes at "
+            f"file offset {piece.chunk_offset}; pieces may hold at most {MAX_PIECE_BYTES} bytes "
+            "(serve this image with mode unpack)"
+        )
+    if piece.zeros:
+        return
+    if not 0 <= piece.offset < piece.end <= toc_offset:
+        raise InvalidLayer(
+            f"TOC entry {entry.name!r}: piece at blob offset {piece.offset}..{piece.end} is "
+            f"outside the payload area (0..{toc_offset})"
+        )
+    if piece.end - piece.offset > MAX_PIECE_EXTENT:
+        raise InvalidLayer(
+            f"TOC entry {entry.name!r}: piece at blob offset {piece.offset} spans "
+            f"{piece.end - piece.offset} compressed bytes, more than {MAX_PIECE_EXTENT}"
         )

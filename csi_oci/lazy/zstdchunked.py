@@ -24,7 +24,6 @@ import zstandard
 from csi_oci.digest import parse_digest
 from csi_oci.errors import IntegrityError, InvalidLayer
 from csi_oci.lazy.estargz import (
-    MAX_TOC_BYTES,
     TOC_DIGEST_ANNOTATION,
     Fetch,
     _int,
@@ -33,10 +32,19 @@ from csi_oci.lazy.estargz import (
     entry_from_toc,
     parse_toc_json,
     toc_digest_field,
-    toc_entries,
     verify_piece,
 )
-from csi_oci.lazy.toc import TOC, Entry, Piece, check_coverage, normalize_name
+from csi_oci.lazy.toc import (
+    MAX_TOC_COMPRESSED_BYTES,
+    MAX_TOC_JSON_BYTES,
+    TOC,
+    Entry,
+    Piece,
+    TocBudget,
+    check_coverage,
+    iter_toc_entries,
+    normalize_name,
+)
 from csi_oci.streams import MAX_ZSTD_WINDOW
 
 PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
@@ -101,24 +109,29 @@ def _locate(annotations: dict[str, str], fetch: Fetch, blob_size: int) -> tuple[
     else:
         tail = fetch(max(0, blob_size - 72), min(72, blob_size))
         offset, length, ulength = parse_footer(tail)
-    if offset + length > blob_size or length > MAX_TOC_BYTES or ulength > MAX_TOC_BYTES:
+    if offset + length > blob_size or length > MAX_TOC_COMPRESSED_BYTES:
         raise InvalidLayer(
             f"zstd:chunked TOC at {offset}+{length} is outside the blob or too large"
         )
     return offset, length, ulength
 
 
-def read_toc(media_annotations: dict[str, str], fetch: Fetch, blob_size: int) -> TOC:
+def read_toc(
+    media_annotations: dict[str, str],
+    fetch: Fetch,
+    blob_size: int,
+    budget: TocBudget | None = None,
+) -> TOC:
     """Locate, verify and parse either dialect's TOC."""
     offset, length, ulength = _locate(media_annotations, fetch, blob_size)
     compressed = fetch(offset, length)
     # Payloads start after an 8-byte skippable-frame header: pieces end there.
     frame_start = offset - 8 if offset >= 8 else offset
     if TOC_DIGEST_ANNOTATION in media_annotations:
-        raw = _unzstd(compressed, max(ulength, 1) + (1 << 20), "zstd:chunked TOC")
+        raw = _unzstd(compressed, MAX_TOC_JSON_BYTES + 4096, "zstd:chunked TOC")
         toc_json = _toc_from_tar(raw) if raw[257:262] == b"ustar" else raw
         check_toc_digest(toc_json, media_annotations[TOC_DIGEST_ANNOTATION])
-        return parse_toc_json(toc_json, frame_start, "zstd:chunked/stargz", "zstd")
+        return parse_toc_json(toc_json, frame_start, "zstd:chunked/stargz", "zstd", budget)
     checksum = annotation(media_annotations, "manifest-checksum")
     if checksum is None:
         raise InvalidLayer("zstd:chunked layer without a manifest-checksum annotation")
@@ -128,15 +141,15 @@ def read_toc(media_annotations: dict[str, str], fetch: Fetch, blob_size: int) ->
             f"zstd:chunked TOC checksum mismatch: the annotation says {checksum}, the TOC at "
             f"{offset} hashes to {want.algorithm}:{want.of(compressed)}"
         )
-    toc_json = _unzstd(compressed, max(ulength, 1), "zstd:chunked TOC")
-    return parse_containers_toc(toc_json, frame_start)
+    toc_json = _unzstd(compressed, min(max(ulength, 1), MAX_TOC_JSON_BYTES), "zstd:chunked TOC")
+    return parse_containers_toc(toc_json, frame_start, budget)
 
 
-def parse_containers_toc(toc_json: bytes, toc_offset: int) -> TOC:
+def parse_containers_toc(toc_json: bytes, toc_offset: int, budget: TocBudget | None = None) -> TOC:
     """containers/storage's TOC schema (`minimal.TOC`)."""
     entries: dict[str, Entry] = {}
     ends: dict[str, int] = {}
-    for raw in toc_entries(toc_json, "zstd:chunked TOC"):
+    for raw in iter_toc_entries(toc_json, "zstd:chunked TOC", budget):
         kind = raw.get("type")
         name = normalize_name(str(raw.get("name", "")), "TOC entry")
         if kind == "chunk":
@@ -158,7 +171,7 @@ def parse_containers_toc(toc_json: bytes, toc_offset: int) -> TOC:
     for name, entry in entries.items():
         if entry.pieces:
             _close_ranges(entry, ends.get(name, 0), toc_offset)
-            check_coverage(entry)
+            check_coverage(entry, toc_offset)
     return TOC("zstd:chunked/containers", "zstd", entries, toc_offset, None)
 
 
