@@ -24,7 +24,6 @@ filesystem), and setuid/setgid bits are dropped; the mount adds nosuid,nodev.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -34,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from csi_oci.errors import InvalidLayer, OutOfSpace, human_bytes
+from csi_oci.errors import InvalidLayer, OutOfSpace, human_bytes, is_out_of_space
 from csi_oci.faults import crash_point
 from csi_oci.streams import CHUNK, Readable, TarSource
 
@@ -97,46 +96,101 @@ class _StrictTarInfo(tarfile.TarInfo):
             )
 
 
+# What one inode and its directory entry cost on disk, about one filesystem block:
+# an empty directory takes a 4 KiB block on ext4 and xfs. Budgets charge every
+# entry this much on top of its bytes, so a layer of a million empty directories
+# (a few MB gzipped) is charged 4 GiB, not nothing.
+ENTRY_DISK_BYTES = 4096
+DEFAULT_MAX_IMAGE_ENTRIES = 1_000_000  # --max-image-entries
+
+
 @dataclass
 class Limits:
     """Budgets enforced while streaming; exceeding one refuses the layer."""
 
     max_bytes: int = 1 << 50
-    max_entries: int = 10_000_000
+    max_entries: int = DEFAULT_MAX_IMAGE_ENTRIES
 
 
 class Budget:
-    """Bytes and entries an image may unpack to, shared by parallel layers."""
+    """Bytes and entries an image may unpack to, shared by parallel layers.
 
-    def __init__(self, limits: Limits, parent: Budget | None = None, *, disk: bool = False) -> None:
+    `charge(entries, nbytes)` counts one step of unpacking against this
+    budget and every parent; `lands=False` is for bytes that were inflated
+    but never written (padding): they count against an image's bomb budget
+    but take no room on disk.
+    """
+
+    def __init__(self, limits: Limits, parent: Budget | None = None) -> None:
         self.limits = limits
-        self.disk = disk  # a node cache budget (RESOURCE_EXHAUSTED), not an image's
         self.parent = parent  # a layer's own budget also counts against the image's
         self.bytes = 0
         self.entries = 0
         self._lock = threading.Lock()
 
-    def charge(self, entries: int, nbytes: int, what: str) -> None:
+    def charge(self, entries: int, nbytes: int, what: str, *, lands: bool = True) -> None:
         if entries < 0 or nbytes < 0:
             raise InvalidLayer(f"{what}: negative size")
         if self.parent is not None:
-            self.parent.charge(entries, nbytes, what)
+            self.parent.charge(entries, nbytes, what, lands=lands)
         with self._lock:
             self.entries += entries
             self.bytes += nbytes
             entries_now, bytes_now = self.entries, self.bytes
         if entries_now > self.limits.max_entries:
-            raise InvalidLayer(f"{what}: more than {self.limits.max_entries} entries in the image")
-        if bytes_now > self.limits.max_bytes and self.disk:
-            raise OutOfSpace(
-                f"{what}: the node's image cache has room for "
-                f"{human_bytes(self.limits.max_bytes)} more (after evicting unused images), "
-                f"and this image needs more"
+            raise InvalidLayer(
+                f"{what}: more than {self.limits.max_entries} entries in the image "
+                "(--max-image-entries)"
             )
         if bytes_now > self.limits.max_bytes:
             raise InvalidLayer(
                 f"{what}: image unpacks to more than {self.limits.max_bytes} bytes "
                 "(its declared size, or --max-image-bytes)"
+            )
+
+
+class DiskBudget(Budget):
+    """The node cache's room for one pull, charged what lands on disk.
+
+    Each entry costs ENTRY_DISK_BYTES on top of its bytes. When a charge
+    goes past the room, `make_room(bytes_short)` may evict unused images
+    (it returns the bytes it freed): eviction follows bytes that arrived,
+    never sizes a manifest claims, so a lying descriptor flushes nothing
+    and a pull that fails early leaves the cache as it was.
+    """
+
+    def __init__(self, room: int, make_room: Callable[[int], int] | None = None) -> None:
+        super().__init__(Limits(max_bytes=room, max_entries=1 << 62))
+        self.room = room
+        self._make_room = make_room
+        self._grow_lock = threading.Lock()
+
+    def charge(self, entries: int, nbytes: int, what: str, *, lands: bool = True) -> None:
+        if entries < 0 or nbytes < 0:
+            raise InvalidLayer(f"{what}: negative size")
+        if not lands:
+            return
+        cost = nbytes + entries * ENTRY_DISK_BYTES
+        with self._lock:
+            self.entries += entries
+            self.bytes += cost
+            short = self.bytes - self.room
+        if short <= 0:
+            return
+        if self._make_room is not None:
+            with self._grow_lock:  # one eviction at a time; recheck after waiting
+                with self._lock:
+                    short = self.bytes - self.room
+                if short > 0:
+                    freed = self._make_room(short)
+                    with self._lock:
+                        self.room += freed
+                        short = self.bytes - self.room
+        if short > 0:
+            raise OutOfSpace(
+                f"{what}: the node's image cache has room for {human_bytes(self.room)} more "
+                "(after evicting unused images), and this image needs more",
+                kind=OutOfSpace.CACHE_FULL,
             )
 
 
@@ -199,11 +253,18 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def resolve_dir(root_fd: int, parts: list[str], *, create: bool) -> int | None:
+def resolve_dir(
+    root_fd: int,
+    parts: list[str],
+    *,
+    create: bool,
+    on_create: Callable[[], None] | None = None,
+) -> int | None:
     """Open the directory at `parts` inside the root, following symlinks in-root.
 
     Missing directories are created (0755) when `create`, else None is
-    returned. A component that exists but is not a directory (after
+    returned; `on_create` is called before each one is made (a budget
+    charges it, and may refuse it). A component that exists but is not a directory (after
     in-root symlink resolution) is an InvalidLayer error. The caller closes
     the returned descriptor.
     """
@@ -224,6 +285,8 @@ def resolve_dir(root_fd: int, parts: list[str], *, create: bool) -> int | None:
             if st is None:
                 if not create:
                     return None
+                if on_create is not None:
+                    on_create()
                 with contextlib.suppress(FileExistsError):  # a parallel layer made it
                     os.mkdir(name, 0o755, dir_fd=cur)
                 st = os.stat(name, dir_fd=cur, follow_symlinks=False)
@@ -309,7 +372,7 @@ class LayerApplier:
                 raise InvalidLayer(f"{what}: {exc}") from None
             raise
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_out_of_space(exc):
                 raise OutOfSpace(f"{what}: no space left on the state directory's disk") from None
             raise
         finally:
@@ -322,7 +385,11 @@ class LayerApplier:
 
     def charge_bytes(self, nbytes: int, what: str) -> None:
         """Count bytes that were inflated but not written (e.g. padding)."""
-        self._budget.charge(0, nbytes, what)
+        self._budget.charge(0, nbytes, what, lands=False)
+
+    def charge_new_dir(self, what: str) -> None:
+        """A directory the layer implies (a parent no entry named) costs an entry too."""
+        self._budget.charge(1, 0, f"{what}: implied directory")
 
 
 class _LayerRun:
@@ -357,7 +424,7 @@ class _LayerRun:
         key = tuple(parts[:-1])
         if key != self._cache_key:
             self._drop_cache()
-            fd = resolve_dir(self.root, list(key), create=True)
+            fd = resolve_dir(self.root, list(key), create=True, on_create=self._new_dir)
             assert fd is not None
             self._cache_key, self._cache_fd = key, fd
         assert self._cache_fd is not None
@@ -619,10 +686,13 @@ class _LayerRun:
         finally:
             os.close(parent)
 
+    def _new_dir(self) -> None:
+        self.owner.charge_new_dir(self.what)
+
     def _opaque(self, dir_parts: list[str]) -> None:
         if not self.track:
             return
-        fd = resolve_dir(self.root, dir_parts, create=True)
+        fd = resolve_dir(self.root, dir_parts, create=True, on_create=self._new_dir)
         assert fd is not None
         try:
             self._clear_lower(fd, "/".join(dir_parts))

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from csi_oci import __version__
+from csi_oci.applier import DEFAULT_MAX_IMAGE_ENTRIES, ENTRY_DISK_BYTES
 from csi_oci.attributes import (
     KEY_IMAGE,
     KEY_INCLUDE,
@@ -80,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CSI_OCI_METRICS_ADDRESS", DEFAULT_METRICS_ADDRESS),
         help="[host]:port for Prometheus /metrics and the kubelet probe's /healthz "
         "(default %(default)s; empty disables both)",
+    )
+    s.add_argument(
+        "--metrics-image-labels",
+        action="store_true",
+        help="label the lazy metrics with each image's reference and digest (off: sums "
+        "over all images, so scrapers do not learn which images the node serves)",
     )
     s.add_argument(
         "--lazy-server",
@@ -179,6 +186,16 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, object]]]:
             },
         ),
         (
+            ("--max-image-entries",),
+            {
+                "type": int,
+                "default": DEFAULT_MAX_IMAGE_ENTRIES,
+                "help": "refuse an image with more files, directories and links (each is "
+                f"also charged {ENTRY_DISK_BYTES} bytes of cache); default "
+                f"{DEFAULT_MAX_IMAGE_ENTRIES}",
+            },
+        ),
+        (
             ("--registry-config",),
             {
                 "type": Path,
@@ -248,6 +265,7 @@ def node_settings(args: argparse.Namespace, publish_wait: float) -> NodeSettings
         state_dir=args.state_dir,
         publish_wait=publish_wait,
         max_image_bytes=args.max_image_bytes,
+        max_image_entries=args.max_image_entries,
         registry_config=args.registry_config,
         docker_config=tuple(args.docker_config),
         first_byte_timeout=args.first_byte_timeout,
@@ -335,6 +353,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.mode,
                 node_settings(args, args.publish_wait),
                 metrics_address=args.metrics_address,
+                metrics_image_labels=args.metrics_image_labels,
             )
         )
     parts = build_node_parts(

@@ -105,13 +105,18 @@ def _entry_credentials(entry: object, key: str) -> Credentials:
 
 def credentials_from_secrets(secrets: Mapping[str, str], ref: Reference) -> Credentials | None:
     """The credentials for `ref` found in a NodePublish secret map, if any."""
-    return credentials_for(secrets, ref.registry, ref.repository)
+    return credentials_for(secrets, ref.registry, ref.repository, image_registry=ref.registry)
 
 
 def credentials_for(
-    secrets: Mapping[str, str], registry: str, repository: str
+    secrets: Mapping[str, str], registry: str, repository: str, *, image_registry: str
 ) -> Credentials | None:
-    """Credentials for a registry host (a mirror's too) from a NodePublish secret."""
+    """Credentials for a registry host (a mirror's too) from a NodePublish secret.
+
+    Docker-config entries name their hosts. Bare `username`/`password` keys
+    name none, so they are for the image's own registry only
+    (`image_registry`): never for a mirror, whoever runs it.
+    """
     if not secrets:
         return None
     auths: dict[str, object] = {}
@@ -129,7 +134,7 @@ def credentials_for(
     found = match_auths(auths, registry, repository)
     if found is not None:
         return found
-    if secrets.get("username") or secrets.get("password"):
+    if (secrets.get("username") or secrets.get("password")) and registry == image_registry:
         return Credentials(secrets.get("username", ""), secrets.get("password", ""))
     return None
 
@@ -189,11 +194,17 @@ class NodeCredentials:
 CredentialLookup = Callable[[str, str], "Credentials | None"]
 
 
-def lookup_for(secrets: Mapping[str, str], node: NodeCredentials | None) -> CredentialLookup:
-    """(host, repository) -> credentials: the volume's secret first, then the node's."""
+def lookup_for(
+    secrets: Mapping[str, str], node: NodeCredentials | None, image_registry: str
+) -> CredentialLookup:
+    """(host, repository) -> credentials: the volume's secret first, then the node's.
+
+    `image_registry` is the host the volume's image names: the only one bare
+    `username`/`password` secret keys are sent to.
+    """
 
     def lookup(registry: str, repository: str) -> Credentials | None:
-        found = credentials_for(secrets, registry, repository)
+        found = credentials_for(secrets, registry, repository, image_registry=image_registry)
         if found is None and node is not None:
             found = node.lookup(registry, repository)
         return found

@@ -8,6 +8,8 @@ messages; it only picks the status code from the exception class.
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 
@@ -87,10 +89,21 @@ class InvalidLayer(CsiOciError):
 
 
 class OutOfSpace(CsiOciError):
-    """The state directory's filesystem ran out of space or a budget was exceeded."""
+    """The state directory's filesystem ran out of space or a budget was exceeded.
+
+    `kind` says which: DISK_FULL (the filesystem said ENOSPC/EDQUOT) or
+    CACHE_FULL (the cache budget, --cache-max-bytes / --cache-min-free-bytes,
+    has no room even after evicting unused images).
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "out_of_space"
+    DISK_FULL = "disk_full"
+    CACHE_FULL = "cache_full"
+
+    def __init__(self, message: str, kind: str = DISK_FULL) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class PullInProgress(CsiOciError):
@@ -102,6 +115,12 @@ class PullInProgress(CsiOciError):
 
     code = grpc.StatusCode.ABORTED
     reason = "in_progress"
+
+
+class PullCancelled(CsiOciError):
+    """This part of a pull stopped because another part of it failed (not the cause)."""
+
+    reason = "cancelled"
 
 
 class MountError(CsiOciError):
@@ -127,12 +146,14 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status for any exception; unknown ones are INTERNAL."""
     if isinstance(exc, CsiOciError):
         return exc.code
-    if isinstance(exc, OSError) and exc.errno is not None:
-        import errno
-
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if is_out_of_space(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """The filesystem is full or over quota (the one place this test is written)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def error_from_record(kind: object, message: str) -> CsiOciError:

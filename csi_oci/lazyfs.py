@@ -32,6 +32,7 @@ from csi_oci.attributes import include_matcher
 from csi_oci.errors import CsiOciError
 from csi_oci.lazy import LazyReader
 from csi_oci.lazy.toc import HIDDEN_ROOT_NAMES, Entry
+from csi_oci.logs import setup_logging
 from csi_oci.metrics import LAZY_STATS_FILE, write_lazy_stats
 from csi_oci.store import read_json, write_json_atomic
 from csi_oci.transfer import RetryPolicy
@@ -377,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "registry_spec, credentials, log); exit at end of input",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging("info")  # the driver's format, URLs without query strings
     if args.standby:
         job = _wait_for_job()
         if job is None:

@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from csi_oci import mounts
 from csi_oci.credentials import Credentials
@@ -207,7 +208,7 @@ class LazyMounts:
             if job["credentials"]:
                 command += ["--credentials", job["credentials"]]
             command += ["--error-file", str(start_error)]
-            with open(log_path, "ab") as log_file:
+            with open_private_log(log_path) as log_file:
                 proc = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
@@ -256,7 +257,7 @@ class LazyMounts:
                 return
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                with open(self.root / "standby.log", "ab") as log_file:
+                with open_private_log(self.root / "standby.log") as log_file:
                     self._standby = subprocess.Popen(
                         [sys.executable, "-m", "csi_oci.lazyfs", "--standby"],
                         stdin=subprocess.PIPE,
@@ -344,6 +345,13 @@ class LazyMounts:
                 s.sendto(b"wake", str(self.wake_socket))
             except OSError:
                 pass  # not (yet) running: it polls when it starts
+
+
+def open_private_log(path: Path) -> BinaryIO:
+    """A log file only root may read (0600): FUSE servers log registry errors."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # also a file an older version made 0644
+    return os.fdopen(fd, "ab")
 
 
 def _last_error(log_tail: str) -> str:

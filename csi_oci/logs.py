@@ -20,6 +20,8 @@ import logging
 import sys
 import time
 
+from csi_oci.redact import redact_urls
+
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Fields the gRPC interceptor attaches with `extra=`.
@@ -46,13 +48,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=True, default=str)
 
 
+class RedactingFormatter(logging.Formatter):
+    """Any formatter, with URL credentials and query strings taken out of every line.
+
+    A library's exception text can carry a presigned blob URL (its signature
+    is in the query string) or `user:password@`; no log line may.
+    """
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_urls(self._inner.format(record))
+
+
 def setup_logging(level: str, log_format: str = "text") -> None:
-    """Configure the root logger once, for every subcommand."""
+    """Configure the root logger once, for every subcommand (and each FUSE server)."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(RedactingFormatter(JsonFormatter()))
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(RedactingFormatter(logging.Formatter(TEXT_FORMAT)))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

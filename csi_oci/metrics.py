@@ -6,22 +6,35 @@ CLI never trips over duplicate registrations, and the endpoint shows only
 what csi-oci defines plus the process metrics.
 
 Values that already exist on disk (store size, published volumes) are not
-mirrored into gauges that could drift: `NodeCollector` reads them when
-Prometheus scrapes. So do the lazy FUSE servers' numbers: every
-`python -m csi_oci.lazyfs` process is a separate process (it outlives a
-restart of the gRPC server), so it cannot touch this process's counters.
-Instead it writes its totals every few seconds with `write_lazy_stats()`
-to `<state>/lazy/<hex>/stats.json`, and the collector reads those files at
-scrape time.
+mirrored into gauges that could drift: `NodeCollector` reads them. So do
+the lazy FUSE servers' numbers: every `python -m csi_oci.lazyfs` process is
+a separate process (it outlives a restart of the gRPC server), so it cannot
+touch this process's counters. Instead it writes its totals every few
+seconds with `write_lazy_stats()` to `<state>/lazy/<hex>/stats.json`.
+
+Reading all that walks the store (every image record, blob and lazy piece),
+the volume records and every stats file, so it is never done per scrape:
+`NodeCollector` keeps a snapshot, computed once at start and then every
+`SNAPSHOT_SECONDS` by one thread, and scrapes only serve it (N scrapers at
+once cost nothing more than one). A failed refresh keeps the last good
+snapshot; `csi_oci_metrics_snapshot_timestamp_seconds` tells its age.
+
+The endpoint is for whoever can reach the pod network, and on a shared
+cluster the images a node serves are its tenants' business: no metric names
+an image, repository or digest unless `--metrics-image-labels` is given.
+By default the lazy metrics are sums over all lazy servers; with the flag
+they carry `image` and `digest` labels, one series per image. Either way the
+counters never go down while the driver runs: each server's increase since
+the last snapshot is added (all of a new or restarted server's totals), so
+a server that stops or restarts is no counter reset for Prometheus.
 
 Lazy stats file (`stats.json`, one JSON object; counters are totals since
-that FUSE server started, so a restarted server starts again from 0, which
-Prometheus treats as a counter reset):
+that FUSE server started, so a restarted server starts again from 0):
 
 | key | kind | meaning |
 |---|---|---|
-| `image` | string | the image reference the server serves (a label) |
-| `digest` | string | its manifest digest (a label; default: from the directory name) |
+| `image` | string | the image reference the server serves (a label with --metrics-image-labels) |
+| `digest` | string | its manifest digest (likewise; default: from the directory name) |
 | `read_bytes` | counter | bytes returned to readers of the FUSE filesystem |
 | `on_demand_fetched_bytes` | counter | bytes fetched from the registry because a read needed them |
 | `prefetch_fetched_bytes` | counter | bytes fetched by the background prefetch |
@@ -260,6 +273,7 @@ class LazyStats:
     image: str
     digest: str
     numbers: dict[str, float]
+    server: str = ""  # the stats file's directory under <state>/lazy: one per server
 
 
 def read_lazy_stats(lazy_root: Path, *, now: float | None = None) -> list[LazyStats]:
@@ -272,7 +286,7 @@ def read_lazy_stats(lazy_root: Path, *, now: float | None = None) -> list[LazySt
                 continue
             raw = json.loads(path.read_text())
         except (OSError, ValueError):
-            continue  # a server mid-exit or a torn file: next scrape will tell
+            continue  # a server mid-exit or a torn file: next snapshot will tell
         if not isinstance(raw, dict):
             continue
         numbers = {
@@ -286,17 +300,79 @@ def read_lazy_stats(lazy_root: Path, *, now: float | None = None) -> list[LazySt
                 image=str(raw.get("image") or ""),
                 digest=digest or f"sha256:{path.parent.name}",
                 numbers=numbers,
+                server=path.parent.name,
             )
         )
     return found
 
 
-def lazy_metrics(stats: list[LazyStats]) -> Iterator[Metric]:
-    labels = ["image", "digest"]
+LAZY_COUNTER_KEYS = (*LAZY_COUNTERS, *LAZY_FETCHED)
+# Label values of one lazy series: () by default, (image, digest) with image labels.
+LazyLabels = tuple[str, ...]
+
+
+class LazyTotals:
+    """The lazy servers' numbers per series, counters that never go down.
+
+    A plain sum of the servers' totals would drop whenever one of them stops
+    (its file goes) or restarts (from 0), and Prometheus takes any drop of a
+    counter for a reset to 0: rate() would count the whole sum again. So each
+    server's increase since the last look is added to its series' counters:
+    all of its totals when it is new (or restarted: a pid not seen before,
+    or numbers that went down). Gauges are plain sums of the live servers.
+    Not thread-safe: `NodeCollector` calls it under its refresh lock.
+    """
+
+    def __init__(self, *, image_labels: bool) -> None:
+        self.image_labels = image_labels
+        # (directory, pid) -> (its counters at the last look, wall time of that look)
+        self._last: dict[tuple[str, float], tuple[dict[str, float], float]] = {}
+        self._totals: dict[LazyLabels, dict[str, float]] = {}
+
+    def _labels(self, s: LazyStats) -> LazyLabels:
+        return (s.image, s.digest) if self.image_labels else ()
+
+    def update(
+        self, stats: list[LazyStats], *, now: float | None = None
+    ) -> dict[LazyLabels, dict[str, float]]:
+        """Series labels -> counter totals and gauge sums, after this look at `stats`."""
+        now = time.time() if now is None else now
+        live: dict[LazyLabels, dict[str, float]] = {}
+        if not self.image_labels:
+            live[()] = dict.fromkeys(LAZY_GAUGES, 0.0)  # the sums exist with no server too
+        for s in stats:
+            server = (s.server, s.numbers.get("pid", 0.0))
+            counts = {k: s.numbers.get(k, 0.0) for k in LAZY_COUNTER_KEYS}
+            before, _seen = self._last.get(server, (dict.fromkeys(LAZY_COUNTER_KEYS, 0.0), 0.0))
+            if any(counts[k] < before[k] for k in LAZY_COUNTER_KEYS):
+                before = dict.fromkeys(LAZY_COUNTER_KEYS, 0.0)  # restarted in between
+            self._last[server] = (counts, now)
+            labels = self._labels(s)
+            totals = self._totals.setdefault(labels, dict.fromkeys(LAZY_COUNTER_KEYS, 0.0))
+            for k in LAZY_COUNTER_KEYS:
+                totals[k] += counts[k] - before[k]
+            gauges = live.setdefault(labels, dict.fromkeys(LAZY_GAUGES, 0.0))
+            for k in LAZY_GAUGES:
+                gauges[k] += s.numbers.get(k, 0.0)
+        # A server unseen for as long as a file stays fresh is gone; so is a
+        # per-image series with no live server (or every image ever served stays).
+        self._last = {k: v for k, v in self._last.items() if now - v[1] <= LAZY_STATS_STALE_SECONDS}
+        self._totals = {k: v for k, v in self._totals.items() if k in live}
+        return {
+            labels: {**self._totals.get(labels, dict.fromkeys(LAZY_COUNTER_KEYS, 0.0)), **g}
+            for labels, g in live.items()
+        }
+
+
+def lazy_metrics(
+    series: dict[LazyLabels, dict[str, float]], servers: int, *, image_labels: bool
+) -> Iterator[Metric]:
+    """The lazy families from `LazyTotals.update()`: per image only with `image_labels`."""
+    labels = ["image", "digest"] if image_labels else []
     for key, (name, text) in LAZY_COUNTERS.items():
         family = CounterMetricFamily(name, text, labels=labels)
-        for s in stats:
-            family.add_metric([s.image, s.digest], s.numbers.get(key, 0.0))
+        for values, numbers in series.items():
+            family.add_metric(list(values), numbers[key])
         yield family
     fetched = CounterMetricFamily(
         "csi_oci_lazy_fetched_bytes",
@@ -304,74 +380,196 @@ def lazy_metrics(stats: list[LazyStats]) -> Iterator[Metric]:
         "prefetch: fetched ahead)",
         labels=[*labels, "cause"],
     )
-    for s in stats:
+    for values, numbers in series.items():
         for key, cause in LAZY_FETCHED.items():
-            fetched.add_metric([s.image, s.digest, cause], s.numbers.get(key, 0.0))
+            fetched.add_metric([*values, cause], numbers[key])
     yield fetched
     for key, (name, text) in LAZY_GAUGES.items():
         gauge = GaugeMetricFamily(name, text, labels=labels)
-        for s in stats:
-            gauge.add_metric([s.image, s.digest], s.numbers.get(key, 0.0))
+        for values, numbers in series.items():
+            gauge.add_metric(list(values), numbers[key])
         yield gauge
     yield GaugeMetricFamily(
-        "csi_oci_lazy_servers", "Lazy FUSE servers reporting stats", value=len(stats)
+        "csi_oci_lazy_servers", "Lazy FUSE servers reporting stats", value=servers
     )
 
 
-# -- what is on disk, read at scrape time ----------------------------------------------
+# -- what is on disk, read in snapshots -------------------------------------------------
+
+SNAPSHOT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class _NodeNumbers:
+    """What one look at the state directory found."""
+
+    trees_bytes: int
+    blobs_bytes: int
+    images: int
+    free_bytes: int
+    published: dict[str, int]  # mode -> volumes
+    lazy: list[LazyStats]
 
 
 class NodeCollector(Collector):
-    """Store size, published volumes and lazy stats, read when Prometheus scrapes."""
+    """Store size, published volumes and lazy stats, from a snapshot of the state dir.
 
-    def __init__(self, store: Store, volumes: VolumeManager) -> None:
+    `start()` takes the first snapshot (so the first scrape has the real
+    numbers) and starts one thread that takes another every
+    `refresh_seconds`; `collect()` serves the last one and reads nothing.
+    Not started (tests, tools), `collect()` takes one on demand when the last
+    is older than `refresh_seconds`. Either way one snapshot is taken at a
+    time, under a lock: concurrent scrapes share it. A failed snapshot keeps
+    the last good one and is logged once, until one succeeds again.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        volumes: VolumeManager,
+        *,
+        image_labels: bool = False,
+        refresh_seconds: float = SNAPSHOT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._volumes = volumes
+        self.image_labels = image_labels
+        self.refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._lock = threading.Lock()  # one snapshot at a time; guards _lazy
+        self._lazy = LazyTotals(image_labels=image_labels)
+        self._families: tuple[Metric, ...] | None = None  # the last good snapshot
+        self._attempted: float | None = None  # clock() of the last try, good or not
+        self._failing = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def collect(self) -> Iterable[Metric]:
+    # -- the snapshot ---------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Take a snapshot now (after any running one); False if it failed."""
+        with self._lock:
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> bool:
+        self._attempted = self._clock()
+        try:
+            numbers = self._read()
+        except Exception as exc:  # a broken state dir must not break scrapes: /healthz tells
+            if not self._failing:
+                log.warning(
+                    "metrics: cannot read the state directory (%s); serving the last numbers "
+                    "until it works again",
+                    exc,
+                )
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("metrics: reading the state directory works again")
+            self._failing = False
+        self._families = tuple(self._render(numbers, self._lazy.update(numbers.lazy)))
+        return True
+
+    def _read(self) -> _NodeNumbers:
         store = self._store
-        # A broken state dir must not break the scrape: /healthz reports it.
-        with contextlib.suppress(OSError):
-            usage = store.usage()
-            size = GaugeMetricFamily(
-                "csi_oci_store_bytes",
-                "Bytes the node store holds, by kind (trees: unpacked files; blobs: raw "
-                "files, spooled layers and lazy pieces)",
-                labels=["kind"],
-            )
-            size.add_metric(["trees"], usage.trees)
-            size.add_metric(["blobs"], usage.blobs)
-            yield size
-            yield GaugeMetricFamily(
-                "csi_oci_store_images",
-                "Image trees in the node store",
-                value=len(store.list_images()),
-            )
-            yield GaugeMetricFamily(
-                "csi_oci_store_free_bytes",
-                "Free bytes on the state directory's filesystem",
-                value=store.free_bytes(),
-            )
-        if store.max_bytes is not None:
-            yield GaugeMetricFamily(
-                "csi_oci_store_max_bytes",
-                "The cache budget (--cache-max-bytes)",
-                value=store.max_bytes,
-            )
+        usage = store.usage()
+        published = {"unpack": 0, "lazy": 0}
+        for rec in self._volumes.all_records():
+            if rec.state == "published":
+                published["lazy" if rec.tree.startswith("lazy:") else "unpack"] += 1
+        return _NodeNumbers(
+            trees_bytes=usage.trees,
+            blobs_bytes=usage.blobs,
+            images=len(store.list_images()),
+            free_bytes=store.free_bytes(),
+            published=published,
+            lazy=read_lazy_stats(store.root / "lazy"),
+        )
+
+    def _render(
+        self, numbers: _NodeNumbers, lazy: dict[LazyLabels, dict[str, float]]
+    ) -> Iterator[Metric]:
+        size = GaugeMetricFamily(
+            "csi_oci_store_bytes",
+            "Bytes the node store holds, by kind (trees: unpacked files; blobs: raw "
+            "files, spooled layers and lazy pieces)",
+            labels=["kind"],
+        )
+        size.add_metric(["trees"], numbers.trees_bytes)
+        size.add_metric(["blobs"], numbers.blobs_bytes)
+        yield size
+        yield GaugeMetricFamily(
+            "csi_oci_store_images", "Image trees in the node store", value=numbers.images
+        )
+        yield GaugeMetricFamily(
+            "csi_oci_store_free_bytes",
+            "Free bytes on the state directory's filesystem",
+            value=numbers.free_bytes,
+        )
         published = GaugeMetricFamily(
             "csi_oci_volumes_published",
             "Volumes published on this node, by mode",
             labels=["mode"],
         )
-        counts = {"unpack": 0, "lazy": 0}
-        with contextlib.suppress(OSError):
-            for rec in self._volumes.all_records():
-                if rec.state == "published":
-                    counts["lazy" if rec.tree.startswith("lazy:") else "unpack"] += 1
-        for mode, n in counts.items():
+        for mode, n in numbers.published.items():
             published.add_metric([mode], n)
         yield published
-        yield from lazy_metrics(read_lazy_stats(store.root / "lazy"))
+        yield from lazy_metrics(lazy, len(numbers.lazy), image_labels=self.image_labels)
+        yield GaugeMetricFamily(
+            "csi_oci_metrics_snapshot_timestamp_seconds",
+            "Unix time the store, volume and lazy numbers were read (every few seconds; "
+            "older: reading the state directory fails)",
+            value=time.time(),
+        )
+
+    # -- the refresher thread --------------------------------------------------------------
+
+    def start(self) -> None:
+        """The first snapshot now, then one every `refresh_seconds` until `stop()`."""
+        if self._thread is not None:
+            return
+        self.refresh()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="metrics-snapshot", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.refresh_seconds):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- Collector -----------------------------------------------------------------------
+
+    def collect(self) -> Iterable[Metric]:
+        if self._thread is None:  # no refresher: on demand, at most once a period
+            with self._lock:
+                last = self._attempted
+                if last is None or self._clock() - last >= self.refresh_seconds:
+                    self._refresh_locked()
+        # Families are only read by the exposition: scrapes can share them.
+        yield from self._families or ()
+        if self._store.max_bytes is not None:
+            yield GaugeMetricFamily(
+                "csi_oci_store_max_bytes",
+                "The cache budget (--cache-max-bytes)",
+                value=self._store.max_bytes,
+            )
+
+    def describe(self) -> Iterable[Metric]:
+        """The families' names, for the registry's duplicate check (reads nothing)."""
+        empty = _NodeNumbers(0, 0, 0, 0, {}, [])
+        yield from self._render(empty, {})
+        yield GaugeMetricFamily("csi_oci_store_max_bytes", "The cache budget", value=0)
 
 
 # -- the HTTP endpoint ---------------------------------------------------------------------
@@ -406,12 +604,20 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class MetricsServer:
-    """Serves /metrics (Prometheus text) and /healthz on one port, in daemon threads."""
+    """Serves /metrics (Prometheus text) and /healthz on one port, in daemon threads.
 
-    def __init__(self, address: str, checks: list[HealthCheck]) -> None:
+    `node`, if given, is registered and its snapshot thread started by
+    `start()` (first snapshot before the port answers), and both undone by
+    `stop()`.
+    """
+
+    def __init__(
+        self, address: str, checks: list[HealthCheck], node: NodeCollector | None = None
+    ) -> None:
         host, port = parse_address(address)
         metrics_app = make_wsgi_app(REGISTRY)
         self._checks = checks
+        self._node = node
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             if environ.get("PATH_INFO") == "/healthz":
@@ -428,11 +634,18 @@ class MetricsServer:
         )
 
     def start(self) -> None:
+        if self._node is not None:
+            REGISTRY.register(self._node)  # reads nothing (describe)
+            self._node.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        if self._node is not None:
+            self._node.stop()
+            with contextlib.suppress(KeyError):  # never registered: start() failed
+                REGISTRY.unregister(self._node)
 
     def _healthz(self, start_response: Callable[..., Any]) -> list[bytes]:
         lines = []
@@ -487,6 +700,8 @@ def state_dir_check(store: Store) -> HealthCheck:
 __all__ = [
     "DEFAULT_METRICS_ADDRESS",
     "REGISTRY",
+    "SNAPSHOT_SECONDS",
+    "LazyTotals",
     "MetricsServer",
     "NodeCollector",
     "count_eviction",

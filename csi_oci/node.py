@@ -41,7 +41,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # for inline volumes); the mount is read-only regardless.
         spec = parse_volume_attributes(request.volume_context)
         # The volume's secret first, then the node's docker config, per host.
-        creds = lookup_for(dict(request.secrets), self._node_credentials)
+        creds = lookup_for(dict(request.secrets), self._node_credentials, spec.reference.registry)
         self._volumes.publish(request.volume_id, request.target_path, spec, creds)
         return csi_pb2.NodePublishVolumeResponse()
 

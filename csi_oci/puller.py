@@ -32,7 +32,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from csi_oci import metrics
-from csi_oci.applier import Budget, LayerApplier, Limits, Policy, resolve_dir
+from csi_oci.applier import (
+    ENTRY_DISK_BYTES,
+    Budget,
+    DiskBudget,
+    LayerApplier,
+    Limits,
+    Policy,
+    resolve_dir,
+)
 from csi_oci.attributes import Platform, PullPolicy, include_matcher
 from csi_oci.errors import (
     CsiOciError,
@@ -41,7 +49,9 @@ from csi_oci.errors import (
     InvalidLayer,
     NotFound,
     OutOfSpace,
+    PullCancelled,
     PullInProgress,
+    is_out_of_space,
 )
 from csi_oci.faults import crash_point
 from csi_oci.manifest import (
@@ -59,7 +69,7 @@ from csi_oci.readahead import ReadAhead
 from csi_oci.reference import Reference
 from csi_oci.registry import CredentialLookup, RegistryClient
 from csi_oci.registry_config import ConfigSource
-from csi_oci.store import ImageRecord, Store, tree_key
+from csi_oci.store import ImageRecord, Store, blob_pin, tree_key
 from csi_oci.streams import CHUNK, Readable, VerifyingReader, decompressor
 
 log = logging.getLogger(__name__)
@@ -242,6 +252,10 @@ class Puller:
                 if fetched.media_type in INDEX_TYPES:
                     raise IntegrityError(f"index entry {chosen.digest} of {ref} is itself an index")
             manifest = parse_manifest(fetched.data, fetched.media_type)
+            if policy is PullPolicy.ALWAYS and top.from_mirror and fetched.from_mirror:
+                # The pod's own access, at the registry: for what the pod asked for (a
+                # tag a trusted mirror resolved may name bytes only the mirror has).
+                client.check_access(ref.manifest_key)
         except CsiOciError as exc:
             metrics.count_pull_error(exc)
             raise
@@ -390,27 +404,32 @@ class Puller:
                         self.store.blob_path(lp.desc.digest).unlink()
         return tree, record
 
-    def _make_room(self, resolved: ResolvedImage, layers: tuple[LayerPlan, ...]) -> Budget:
-        """Evict unused trees for this pull; a budget that stops it if it still cannot fit."""
+    def _make_room(self, resolved: ResolvedImage, layers: tuple[LayerPlan, ...]) -> DiskBudget:
+        """The cache's room for this pull; unused images are evicted only as bytes land.
+
+        Sizes in a manifest are claims: a pull whose declared sizes can never
+        fit is refused before anything is evicted, and otherwise eviction
+        waits for bytes that actually arrive (DiskBudget), so a descriptor
+        that claims 90% of the cache for a 5-byte blob evicts nothing.
+        """
         declared = [lp.declared_bytes for lp in layers]
-        known = all(d is not None for d in declared)
-        estimate = sum(d or 0 for d in declared) if known else sum(lp.desc.size for lp in layers)
         store = self.store
-        in_use = self.in_use()
-        best = store.best_room(in_use) if known else None
-        if best is not None and estimate > best:
-            room = best  # it cannot fit even in an emptied cache: evicting would only cost
-        else:
-            store.evict(estimate, in_use)
-            room = store.room()
-        if known and estimate > room:
-            raise OutOfSpace(
-                f"not enough space for image {resolved.reference}: it needs {estimate} bytes "
-                f"({human(estimate)}) but the node has room for "
-                f"{human(room)} {_space_facts(store)} even with every unused image evicted; "
-                f"{SPACE_ADVICE}"
-            )
-        return Budget(Limits(max_bytes=room), disk=True)
+        if declared and all(d is not None for d in declared):
+            estimate = sum(d or 0 for d in declared)
+            best = store.best_room(self.in_use())
+            if estimate > best:
+                raise OutOfSpace(
+                    f"not enough space for image {resolved.reference}: it needs {estimate} "
+                    f"bytes ({human(estimate)}) but the node has room for {human(best)} "
+                    f"{_space_facts(store)} even with every unused image evicted; "
+                    f"{SPACE_ADVICE}",
+                    kind=OutOfSpace.CACHE_FULL,
+                )
+
+        def make_room(short: int) -> int:
+            return store.evict_for(short, self.in_use())
+
+        return DiskBudget(store.room(), make_room)
 
     def _limits_for(self, layers: tuple[LayerPlan, ...]) -> Limits:
         """The byte budget: what the producer declared when every layer did."""
@@ -469,9 +488,10 @@ class Puller:
                     previous = claimed.setdefault(lp.path, what)
                 if previous != what:
                     raise InvalidLayer(f"{what}: duplicate path {lp.path!r}, also in {previous}")
-                budget.charge(1, lp.desc.size, f"{what}: {lp.path!r}")
-                blob = self._raw_blob(job, client, lp, what, cancel)
-                _link_into(root_fd, lp.path, blob, what)
+                budget.charge(1, 0, f"{what}: {lp.path!r}")
+                with self.store.pinned(blob_pin(lp.desc.digest)):  # not evicted before linked
+                    blob = self._raw_blob(job, client, lp, what, cancel, budget)
+                    _link_into(root_fd, lp.path, blob, what, budget)
                 return
             under = tuple(lp.path.split("/")) if lp.path else ()
             layer_budget = budget
@@ -513,18 +533,22 @@ class Puller:
         lp: LayerPlan,
         what: str,
         cancel: threading.Event,
+        budget: Budget,
     ) -> Path:
-        """The verified blob in the shared blob store, downloading it if needed."""
+        """The verified blob in the shared blob store, downloading it if needed.
+
+        The budget is charged as bytes arrive, not for the size the descriptor
+        claims before the first byte (finding 3 of issue 14).
+        """
         final = self.store.blob_path(lp.desc.digest)
         if final.exists():
             job.progress.add(lp.desc.size)
             return final
         fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".partial", dir=final.parent)
         try:
-            # No posix_fallocate: the store budget was charged for this blob
-            # before it started (a full disk fails there), and on ext4
-            # preallocated extents must be converted at writeback, which on a
-            # 4 GiB pull cost more than the download (hack/bench).
+            # No posix_fallocate: on ext4 preallocated extents must be converted
+            # at writeback, which on a 4 GiB pull cost more than the download
+            # (hack/bench); the budget is charged chunk by chunk instead.
             stream = client.blob_stream(lp.desc, what)
             # Receiving and hashing on one thread, writing on this one.
             reader = ReadAhead(
@@ -536,7 +560,8 @@ class Puller:
             try:
                 while data := reader.read():
                     if cancel.is_set():
-                        raise CsiOciError("pull cancelled: another layer failed")
+                        raise PullCancelled("pull cancelled: another layer failed")
+                    budget.charge(0, len(data), f"{what}: {lp.path!r}")
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view) :]
@@ -694,10 +719,14 @@ def _drain(stream: Readable, limit: int | None) -> int:
     return total
 
 
-def _link_into(root_fd: int, path: str, blob: Path, what: str) -> None:
+def _link_into(root_fd: int, path: str, blob: Path, what: str, budget: Budget) -> None:
     """Hard-link a stored blob at `path` in the tree (in-root resolution)."""
     parts = path.split("/")
-    parent = resolve_dir(root_fd, parts[:-1], create=True)
+
+    def new_dir() -> None:
+        budget.charge(1, 0, f"{what}: directory of {path!r}")
+
+    parent = resolve_dir(root_fd, parts[:-1], create=True, on_create=new_dir)
     assert parent is not None
     try:
         os.link(blob, parts[-1], dst_dir_fd=parent, follow_symlinks=False)
@@ -708,15 +737,18 @@ def _link_into(root_fd: int, path: str, blob: Path, what: str) -> None:
 
 
 def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int]:
-    """Regular files, their bytes, and the bytes only this tree holds (files
-    hard-linked from the blob store are counted there), never following links."""
+    """Regular files, their bytes, and what only this tree holds on disk: bytes of
+    files not hard-linked from the blob store (counted there), plus every entry
+    (directories, links, files) at ENTRY_DISK_BYTES, as the pull's budget charged
+    them. Never follows links."""
     blob_inodes = set()
     for entry in blob_store.iterdir() if blob_store.is_dir() else []:
         with contextlib.suppress(OSError):
             blob_inodes.add(entry.lstat().st_ino)
     files = nbytes = own = 0
     seen: set[int] = set()
-    for dirpath, _dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
+        own += (len(dirnames) + len(filenames)) * ENTRY_DISK_BYTES
         for name in filenames:
             st = os.lstat(os.path.join(dirpath, name))
             if stat.S_ISREG(st.st_mode):
@@ -730,7 +762,7 @@ def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int]:
 
 def _most_telling(errors: list[BaseException]) -> BaseException:
     """Of parallel failures, the root cause rather than a consequent cancellation."""
-    real = [e for e in errors if not (isinstance(e, CsiOciError) and "pull cancelled" in str(e))]
+    real = [e for e in errors if not isinstance(e, PullCancelled)]
     return (real or errors)[0]
 
 
@@ -760,15 +792,16 @@ def _space_facts(store: Store) -> str:
 def _as_pull_error(exc: BaseException, resolved: ResolvedImage, store: Store) -> BaseException:
     """The error a publish reports: names the image, says what to do."""
     ref = str(resolved.reference)
-    if isinstance(exc, OSError) and exc.errno in (28, 122):
+    if is_out_of_space(exc):
         return OutOfSpace(
             f"no space left on the state directory {store.root} while pulling image {ref} "
             f"{_space_facts(store)}; {SPACE_ADVICE}"
         )
-    if isinstance(exc, OutOfSpace) and "cache has room for" in str(exc):
-        # The applier's budget stopped an image of unknown unpacked size.
+    if isinstance(exc, OutOfSpace) and exc.kind == OutOfSpace.CACHE_FULL and ref not in str(exc):
+        # The cache budget stopped an image as its bytes landed.
         return OutOfSpace(
-            f"not enough space for image {ref}: {exc} {_space_facts(store)}; {SPACE_ADVICE}"
+            f"not enough space for image {ref}: {exc} {_space_facts(store)}; {SPACE_ADVICE}",
+            kind=OutOfSpace.CACHE_FULL,
         )
     if isinstance(exc, InvalidLayer):
         return InvalidLayer(
@@ -856,7 +889,7 @@ class _LayerPipeline:
             with open(partial, "wb") as out:
                 while chunk := reader.read(CHUNK):
                     if self._stop:
-                        raise CsiOciError("pull cancelled")
+                        raise PullCancelled("pull cancelled")
                     out.write(chunk)
             # Reused as verified by a retry: must not survive a reboot half-written.
             self._puller.store.commit_blob(partial, desc.digest, flush=False)
@@ -911,7 +944,7 @@ class _CountingReader:
 
     def read(self, n: int = -1, /) -> bytes:
         if self._cancel is not None and self._cancel.is_set():
-            raise CsiOciError("pull cancelled: another layer failed")
+            raise PullCancelled("pull cancelled: another layer failed")
         data = self._source.read(n)
         self._on_bytes(len(data))
         return data

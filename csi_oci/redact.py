@@ -84,14 +84,24 @@ _URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
 MAX_MESSAGE_CHARS = 1000  # kubelet's event note is capped near 1 KiB
 
 
+# urllib3 names the request by path: "Max retries exceeded with url: /v2/...?X-Amz-...".
+_PATH_QUERY = re.compile(r"(url: ?/[^\s?'\"]*)\?[^\s'\"]*")
+
+
+def redact_urls(text: str) -> str:
+    """`text` without URL credentials or query strings (every log line goes through this)."""
+    text = _URL_USERINFO.sub(REDACTED + "@", text)
+    text = _URL_QUERY.sub(r"\1?" + REDACTED, text)
+    return _PATH_QUERY.sub(r"\1?" + REDACTED, text)
+
+
 def one_line_text(text: str) -> str:
     """An error text as one line without URL credentials or query strings.
 
     What a user sees in a pod event must fit one line: newlines from a
     registry's error body or a nested exception are folded into spaces.
     """
-    text = _URL_USERINFO.sub(REDACTED + "@", text)
-    text = _URL_QUERY.sub(r"\1?" + REDACTED, text)
+    text = redact_urls(text)
     flat = " ".join(text.split())
     if len(flat) > MAX_MESSAGE_CHARS:
         flat = flat[: MAX_MESSAGE_CHARS - 3] + "..."

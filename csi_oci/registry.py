@@ -31,20 +31,29 @@ redirect (e.g. to a presigned blob-storage URL) changes host.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urljoin, urlsplit
 
 import oras.auth
 import oras.provider
 import requests
-from requests.adapters import HTTPAdapter
 
 from csi_oci.credentials import Credentials
+from csi_oci.egress import EgressPolicy, EgressRefused, GuardedAdapter, check_redirect
 from csi_oci.errors import AuthError, CsiOciError, IntegrityError, NotFound, RegistryError
+from csi_oci.httpbody import (
+    ACCEPT_ENCODING,
+    MAX_ERROR_BODY_BYTES,
+    MAX_TAG_LIST_BYTES,
+    MAX_TOKEN_BYTES,
+    read_body,
+)
 from csi_oci.manifest import (
     ACCEPTED_MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
@@ -83,16 +92,26 @@ class RangeNotSatisfiable(RegistryError):
 class _Session(requests.Session):
     """Default timeout (oras-py sets none), the endpoint's TLS settings and headers."""
 
-    def __init__(self, timeout: tuple[float, float], endpoint: Endpoint) -> None:
+    def __init__(
+        self, timeout: tuple[float, float], endpoint: Endpoint, egress: EgressPolicy
+    ) -> None:
         super().__init__()
         self._timeout = timeout
         self.headers["User-Agent"] = USER_AGENT
+        self.headers["Accept-Encoding"] = ACCEPT_ENCODING  # bodies are read bounded, as sent
         self.headers.update(dict(endpoint.headers))
         self.verify = endpoint.verify
         self.cert = endpoint.client_cert
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16)
+        adapter = GuardedAdapter(egress, pool_connections=4, pool_maxsize=16)
         self.mount("http://", adapter)
         self.mount("https://", adapter)
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        """Every redirect is checked before it is followed (csi_oci.egress)."""
+        target = super().get_redirect_target(resp)
+        if target is not None:
+            check_redirect(resp.url, urljoin(resp.url, target))
+        return target
 
     def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         if kwargs.get("timeout") is None:
@@ -108,9 +127,10 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
     _shared: ClassVar[dict[tuple[str, ...], tuple[str, float]]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self) -> None:
+    def __init__(self, endpoint: Endpoint) -> None:
         super().__init__()
         self.expiry = 0.0
+        self.endpoint = endpoint
 
     def get_auth_header(self) -> dict[str, str]:
         if self.token and time.monotonic() >= self.expiry:
@@ -139,19 +159,27 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
             return cached[0]
         params = {k: v for k, v in (("service", h.service), ("scope", h.scope)) if v}
         headers = {"Accept": "application/json"}
+        realm = self._checked_realm(str(h.realm or ""))
         basic = getattr(self, "_basic_auth", None)
         if basic:
             headers["Authorization"] = f"Basic {basic}"
-        realm = h.realm if str(h.realm).startswith("http") else f"{self.prefix}://{h.realm}"
         try:
-            resp = self.session.get(realm, params=params, headers=headers)
+            resp = self.session.get(realm, params=params, headers=headers, stream=True)
         except requests.RequestException:
             return None
-        if resp.status_code != 200:
-            return None
         try:
-            info = resp.json()
+            if resp.status_code != 200:
+                return None
+            body = read_body(resp, MAX_TOKEN_BYTES, f"the token response of {_host_of(realm)}")
+        except requests.RequestException:
+            return None
+        finally:
+            resp.close()
+        try:
+            info = json.loads(body)
         except ValueError:
+            return None
+        if not isinstance(info, dict):
             return None
         token = info.get("token") or info.get("access_token")
         if not token:
@@ -161,6 +189,36 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
         with self._shared_lock:
             self._shared[key] = (token, self.expiry)
         return str(token)
+
+    def _checked_realm(self, realm: str) -> str:
+        """The realm URL, if it may be asked for a token with our credentials.
+
+        The registry names its token service, and it may be the attacker's:
+        the realm must be http(s), https when the registry is, and it gets
+        credentials only on the registry's own host or a host configured
+        for it (`realm_hosts`; Docker Hub's auth.docker.io and a few others
+        are known). Connections to it pass the egress policy like any other.
+        """
+        url = realm if "://" in realm else f"{self.prefix}://{realm}"
+        parts = urlsplit(url)
+        name = self.endpoint.describe()
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EgressRefused(f"{name} names token service {realm[:100]!r}: not an http(s) URL")
+        if self.endpoint.base_url.startswith("https://") and parts.scheme != "https":
+            raise EgressRefused(
+                f"{name} names a plain-http token service ({parts.netloc}); refusing to send "
+                "anything there from an https registry"
+            )
+        own = urlsplit(self.endpoint.base_url).hostname
+        allowed = parts.hostname == own or parts.hostname in self.endpoint.realm_hosts
+        if getattr(self, "_basic_auth", None) and not allowed:
+            raise AuthError(
+                f"{name} names its token service on another host, {parts.hostname}; csi-oci "
+                f"sends credentials only to the registry's own host or to a token host listed "
+                f'for it (realm_hosts = ["{parts.hostname}"] under [hosts."{self.endpoint.host}"] '
+                "in --registry-config)"
+            )
+        return url
 
     def request_anonymous_token(self, h: Any, headers: Any = None) -> str | None:  # type: ignore[override]
         return self.request_token(h)
@@ -172,16 +230,30 @@ class FetchedManifest:
     media_type: str
     digest: str
     source: str = ""
+    from_mirror: bool = False
 
 
 def _error_detail(resp: requests.Response) -> str:
-    """The registry's own error code/message (distribution-spec error body)."""
+    """The registry's own error code/message (distribution-spec error body).
+
+    Read bounded (csi_oci.httpbody) and cut short: it ends up in pod events
+    and logs, and the registry that wrote it may be the attacker's.
+    """
     try:
-        errors = resp.json().get("errors") or []
-        parts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors]
-        return "; ".join(p for p in parts if p)
-    except (ValueError, AttributeError, requests.RequestException):
+        body = read_body(resp, MAX_ERROR_BODY_BYTES, "error body")
+        errors = json.loads(body).get("errors") or []
+        parts = [
+            f"{_printable(e.get('code', ''))}: {_printable(e.get('message', ''))}".strip(": ")
+            for e in errors[:5]
+        ]
+        return "; ".join(p for p in parts if p)[:500]
+    except (ValueError, AttributeError, TypeError, CsiOciError, requests.RequestException):
         return ""  # an error body we cannot read says nothing more
+
+
+def _printable(value: object) -> str:
+    """At most 200 printable characters of a server's string (no newlines into logs)."""
+    return "".join(c if c.isprintable() else " " for c in str(value)[:200])
 
 
 class _Connection:
@@ -193,10 +265,12 @@ class _Connection:
         endpoint: Endpoint,
         credentials: Credentials | None,
         timeout: tuple[float, float],
+        egress: EgressPolicy,
     ) -> None:
         self.ref = ref
         self.endpoint = endpoint
         self.credentials = credentials
+        self._egress = egress
         self.base = f"{endpoint.base_url}/v2/{endpoint.repository(ref.repository)}"
         self._timeout = timeout
         self._oras: oras.provider.Registry | None = None
@@ -216,7 +290,7 @@ class _Connection:
             return self._oras
 
     def _connect(self) -> oras.provider.Registry:
-        session = _Session(self._timeout, self.endpoint)
+        session = _Session(self._timeout, self.endpoint, self._egress)
         ping = self._send(session.get, f"{self.endpoint.base_url}/v2/")
         ping.close()
         challenge = ping.headers.get("WWW-Authenticate", "")
@@ -237,7 +311,7 @@ class _Connection:
         )
         session.cookies.set_policy(reg.session.cookies._policy)  # type: ignore[attr-defined]
         if backend == "token":
-            auth = _ExpiringTokenAuth()
+            auth = _ExpiringTokenAuth(self.endpoint)
             auth.prefix = reg.auth.prefix
             reg.auth = auth
         reg.session = session
@@ -266,15 +340,17 @@ class _Connection:
                 raise Unreachable(f"cannot connect to {self.name}: {reason}") from None
             raise TransientError(f"cannot connect to {self.name}: {reason}") from None
 
-    def get(self, path: str, headers: dict[str, str], *, what: str) -> requests.Response:
-        """GET base+path with auth; the response's status is checked."""
+    def get(
+        self, path: str, headers: dict[str, str], *, what: str, method: str = "GET"
+    ) -> requests.Response:
+        """GET (or HEAD) base+path with auth; the response's status is checked."""
         reg = self._client()
         undecorated = oras.provider.Registry.do_request.__wrapped__  # type: ignore[attr-defined]
         url = f"{self.base}{path}"
         for attempt in (1, 2):
             try:
                 resp = self._send(
-                    undecorated, reg, url, "GET", headers={**reg.headers, **headers}, stream=True
+                    undecorated, reg, url, method, headers={**reg.headers, **headers}, stream=True
                 )
             except ValueError:
                 # oras-py's way of saying the token endpoint refused us.
@@ -383,7 +459,7 @@ class RegistryClient:
                 creds = lookup(host, endpoint.repository(ref.repository))
             else:
                 creds = credentials if not endpoint.mirror else None  # type: ignore[assignment]
-            self.connections.append(_Connection(ref, endpoint, creds, timeout))
+            self.connections.append(_Connection(ref, endpoint, creds, timeout, self.config.egress))
         self.served_by: set[str] = set()
         self.bytes_on_wire = 0
         self._wire_lock = threading.Lock()
@@ -434,7 +510,7 @@ class RegistryClient:
                     f"/manifests/{key}", {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)}, what=what
                 )
                 try:
-                    data = _read_capped(resp, MAX_MANIFEST_BYTES, what)
+                    data = read_body(resp, MAX_MANIFEST_BYTES, f"{what} from {conn.name}")
                 except requests.exceptions.RequestException as exc:
                     raise TransientError(
                         f"{what}: the connection to {conn.name} broke while reading it: "
@@ -471,7 +547,29 @@ class RegistryClient:
             )
         media_type = detect_media_type(data, resp.headers.get("Content-Type"))
         self.served_by.add(conn.name)
-        return FetchedManifest(data=data, media_type=media_type, digest=digest, source=conn.name)
+        return FetchedManifest(
+            data=data,
+            media_type=media_type,
+            digest=digest,
+            source=conn.name,
+            from_mirror=conn.endpoint.mirror,
+        )
+
+    def check_access(self, key: str) -> None:
+        """Prove these credentials may read manifest `key` at the registry itself (a HEAD).
+
+        pullPolicy Always promises that the pod's own access is checked, as
+        kubelet does for containers; bytes from a mirror (which pulls with
+        its own credentials) or from the node's cache prove nothing about it.
+        """
+        conn = next(c for c in self.connections if not c.endpoint.mirror)
+        resp = conn.get(
+            f"/manifests/{key}",
+            {"Accept": ", ".join(ACCEPTED_MANIFEST_TYPES)},
+            what=f"manifest {key!r}",
+            method="HEAD",
+        )
+        resp.close()
 
     def list_tags(self, limit: int = 100) -> list[str] | None:
         """Up to `limit` tags of the repository, from the registry itself (not mirrors).
@@ -490,12 +588,14 @@ class RegistryClient:
             except CsiOciError:
                 return None
             try:
-                tags = resp.json().get("tags") or []
-            except (ValueError, AttributeError, requests.RequestException):
+                tags = json.loads(read_body(resp, MAX_TAG_LIST_BYTES, "tag list")).get("tags")
+            except (ValueError, AttributeError, CsiOciError, requests.RequestException):
                 return None
             finally:
                 resp.close()
-            return [str(t) for t in tags][:limit] if isinstance(tags, list) else None
+            if not isinstance(tags, list):
+                return None
+            return [_printable(t)[:128] for t in tags][:limit]
         return None
 
     # -- blobs ------------------------------------------------------------------------------
@@ -642,12 +742,5 @@ class _FallbackParallel:
             self._fallback.close()
 
 
-def _read_capped(resp: requests.Response, cap: int, what: str) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    for chunk in resp.iter_content(64 * 1024):
-        total += len(chunk)
-        if total > cap:
-            raise RegistryError(f"{what} is larger than {cap} bytes; refusing it")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _host_of(url: str) -> str:
+    return urlsplit(url).netloc or url[:64]

@@ -40,11 +40,12 @@ import logging
 import os
 import threading
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from csi_oci.egress import EgressPolicy, parse_networks
 from csi_oci.errors import InvalidArgument
 from csi_oci.reference import is_loopback_host
 
@@ -63,6 +64,8 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = ()
     mirror: bool = False
     resolve_tags: bool = True
+    # Token services on other hosts that may receive this endpoint's credentials.
+    realm_hosts: tuple[str, ...] = ()
 
     def repository(self, repository: str) -> str:
         return f"{self.repository_prefix}/{repository}" if self.repository_prefix else repository
@@ -79,6 +82,7 @@ class HostSettings:
     client_cert: str | None = None
     client_key: str | None = None
     mirrors: tuple[dict[str, Any], ...] = ()
+    realm_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class RegistryConfig:
     first_byte_timeout: float = 120.0
     max_attempts: int = 6
     blob_parallelism: int = 1
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
     def endpoints(
         self, registry_host: str, api_host: str, *, use_mirrors: bool = True
@@ -97,7 +102,9 @@ class RegistryConfig:
         if use_mirrors:
             for index, mirror in enumerate(settings.mirrors):
                 out.append(_mirror_endpoint(registry_host, index, mirror))
-        out.append(_endpoint(api_host, settings, mirror=False))
+        registry = _endpoint(api_host, settings, mirror=False)
+        realms = settings.realm_hosts or KNOWN_REALM_HOSTS.get(registry_host, ())
+        out.append(replace(registry, realm_hosts=tuple(realms)))
         return out
 
 
@@ -163,10 +170,36 @@ def _mirror_endpoint(registry: str, index: int, raw: dict[str, Any]) -> Endpoint
         headers=tuple(sorted((str(k), str(v)) for k, v in headers.items())),
         mirror=True,
         resolve_tags=bool(raw.get("resolve_tags", False)),
+        realm_hosts=_realm_hosts(raw.get("realm_hosts", []), where),
     )
 
 
-_HOST_KEYS = {"insecure", "skip_verify", "ca", "client_cert", "client_key", "mirrors"}
+# Registries whose token service lives on another host, as they ship: the
+# credentials for them may go there without configuration. Any other
+# realm_hosts entry comes from --registry-config.
+KNOWN_REALM_HOSTS: dict[str, tuple[str, ...]] = {
+    "docker.io": ("auth.docker.io",),
+    "registry-1.docker.io": ("auth.docker.io",),
+    "nvcr.io": ("authn.nvidia.com",),
+    "registry.gitlab.com": ("gitlab.com",),
+}
+
+
+def _realm_hosts(values: object, where: str) -> tuple[str, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise InvalidArgument(f"{where}: realm_hosts must be an array of host names")
+    return tuple(v.lower() for v in values)
+
+
+_HOST_KEYS = {
+    "insecure",
+    "skip_verify",
+    "ca",
+    "client_cert",
+    "client_key",
+    "mirrors",
+    "realm_hosts",
+}
 _MIRROR_KEYS = {
     "url",
     "insecure",
@@ -177,8 +210,10 @@ _MIRROR_KEYS = {
     "headers",
     "repository_prefix",
     "resolve_tags",
+    "realm_hosts",
 }
-_TOP_KEYS = {"hosts", "first_byte_timeout", "max_attempts", "blob_parallelism"}
+_TOP_KEYS = {"hosts", "first_byte_timeout", "max_attempts", "blob_parallelism", "egress"}
+_EGRESS_KEYS = {"deny", "allow"}
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -192,7 +227,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "repository_prefix": (str,),
     "headers": (dict,),
     "mirrors": (list,),
+    "realm_hosts": (list,),
     "hosts": (dict,),
+    "egress": (dict,),
+    "deny": (list,),
+    "allow": (list,),
     "first_byte_timeout": (int, float),
     "max_attempts": (int,),
     "blob_parallelism": (int,),
@@ -243,6 +282,7 @@ def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
             _typed(entry, f"{source}: hosts.{host}: mirror {len(mirrors) + 1}")
             mirrors.append(entry)
         settings = HostSettings(
+            realm_hosts=_realm_hosts(raw.get("realm_hosts", []), f"{source}: hosts.{host}"),
             insecure=raw.get("insecure"),
             skip_verify=bool(raw.get("skip_verify", False)),
             ca=raw.get("ca"),
@@ -255,6 +295,7 @@ def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
             _mirror_endpoint(host, index, mirror)
         hosts[host] = settings
     cfg = RegistryConfig(
+        egress=_egress(doc.get("egress") or {}, f"{source}: egress"),
         hosts=hosts,
         first_byte_timeout=float(doc.get("first_byte_timeout", 120.0)),
         max_attempts=int(doc.get("max_attempts", 6)),
@@ -263,6 +304,21 @@ def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
     if cfg.first_byte_timeout <= 0 or cfg.max_attempts < 1 or cfg.blob_parallelism < 1:
         raise InvalidArgument(f"{source}: timeouts, attempts and parallelism must be positive")
     return cfg
+
+
+def _egress(raw: dict[str, Any], where: str) -> EgressPolicy:
+    """`[egress]`: `deny` adds to the default deny list, `allow` makes exceptions."""
+    bad = set(raw) - _EGRESS_KEYS
+    if bad:
+        raise InvalidArgument(f"{where}: unknown keys {sorted(bad)}")
+    _typed(raw, where)
+    try:
+        extra = parse_networks(raw.get("deny", []), f"{where}.deny")
+        allow = parse_networks(raw.get("allow", []), f"{where}.allow")
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    default = EgressPolicy()
+    return EgressPolicy(deny=default.deny + extra, allow=allow)
 
 
 class ConfigSource:

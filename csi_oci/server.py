@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from csi_oci import metrics
-from csi_oci.applier import Limits
+from csi_oci.applier import DEFAULT_MAX_IMAGE_ENTRIES, Limits
 from csi_oci.controller import ControllerService
 from csi_oci.credentials import NodeCredentials
 from csi_oci.csi.v1 import csi_pb2_grpc
@@ -59,6 +59,7 @@ class NodeSettings:
     state_dir: Path
     publish_wait: float = 90.0
     max_image_bytes: int = 1 << 40
+    max_image_entries: int = DEFAULT_MAX_IMAGE_ENTRIES
     registry_config: Path | None = None
     docker_config: tuple[str, ...] = ()
     first_byte_timeout: float | None = None
@@ -90,7 +91,7 @@ def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts
     )
     puller = Puller(
         store,
-        limits=Limits(max_bytes=settings.max_image_bytes),
+        limits=Limits(max_bytes=settings.max_image_bytes, max_entries=settings.max_image_entries),
         registries=registries,
         verify_diff_ids=settings.verify_diff_ids,
     )
@@ -238,6 +239,7 @@ class ServeOptions:
     mode: str  # node | controller | all
     node: NodeSettings
     metrics_address: str = ""  # host:port of /metrics and /healthz; "" disables them
+    metrics_image_labels: bool = False  # label lazy metrics by image and digest
 
 
 def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
@@ -297,11 +299,14 @@ def _start_metrics(
     if not opts.metrics_address:
         return None
     checks = [metrics.grpc_socket_check(socket_file, serving)]
+    node = None
     if parts is not None:
         checks.append(metrics.state_dir_check(parts.store))
-        metrics.REGISTRY.register(metrics.NodeCollector(parts.store, parts.volumes))
+        node = metrics.NodeCollector(
+            parts.store, parts.volumes, image_labels=opts.metrics_image_labels
+        )
     try:
-        metrics_server = metrics.MetricsServer(opts.metrics_address, checks)
+        metrics_server = metrics.MetricsServer(opts.metrics_address, checks, node)
     except (OSError, ValueError) as exc:
         logging.getLogger("csi_oci").error(
             "metrics and /healthz are disabled: cannot listen on %s: %s", opts.metrics_address, exc

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -99,6 +100,11 @@ def tree_key(digest: str, include: tuple[str, ...] = ()) -> str:
         return digest
     h = hashlib.sha256("\n".join(include).encode()).hexdigest()[:16]
     return f"{digest}.include-{h}"
+
+
+def blob_pin(digest: str) -> str:
+    """The pin (Store.pinned) that keeps a blob in the blob store from eviction."""
+    return f"blob:{digest}"
 
 
 def boot_id() -> str:
@@ -234,6 +240,11 @@ class Store:
         self.max_bytes = max_bytes  # --cache-max-bytes; None: no budget
         self.min_free_bytes = min_free_bytes  # --cache-min-free-bytes: a floor for the disk
         self.gc_lock = threading.Lock()
+        self.evict_lock = threading.Lock()  # one eviction at a time (parallel pulls)
+        self.trash = self.root / "trash"  # failed pulls' trees, being deleted
+        self._trash_queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self._trash_lock = threading.Lock()
+        self._trash_thread: threading.Thread | None = None
         self._pinned: dict[str, int] = {}  # trees a publish is about to mount
 
     # -- budget and garbage collection -----------------------------------------------
@@ -302,7 +313,7 @@ class Store:
                     (used, f"tree {rec.reference} ({key})", self._image_dir(key), rec.own_bytes)
                 )
         for entry in self.blobs.iterdir() if self.blobs.is_dir() else []:
-            if entry.name.endswith(".partial"):
+            if entry.name.endswith(".partial") or blob_pin(f"sha256:{entry.name}") in busy:
                 continue
             with contextlib.suppress(OSError):
                 st = entry.lstat()
@@ -336,6 +347,28 @@ class Store:
                 progress = True
             if not progress:
                 break
+        return freed
+
+    def evict_for(self, extra: int, in_use: set[str]) -> int:
+        """Evict unused items, least recently used first, until `extra` bytes are freed.
+
+        For a pull whose bytes have landed and need room (applier.DiskBudget);
+        returns the bytes freed, which may be less when nothing else is unused.
+        """
+        freed = 0
+        with self.evict_lock:
+            for _ in range(3):  # a removed tree can make its blobs evictable
+                progress = False
+                for _used, label, path, nbytes in self._candidates(in_use):
+                    if freed >= extra:
+                        return freed
+                    log.info("evicting %s (%d bytes) to make room for a pull", label, nbytes)
+                    self._remove(path)
+                    metrics.count_eviction(_eviction_kind(label), nbytes)
+                    freed += nbytes
+                    progress = True
+                if not progress or freed >= extra:
+                    break
         return freed
 
     def gc(self, in_use: set[str], *, everything: bool = False) -> int:
@@ -379,6 +412,11 @@ class Store:
         return fd
 
     def ensure_layout(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Only root may look in: trees of every tenant's images, volume records
+        # and lazy servers' logs live here. Pods see their trees through bind
+        # mounts, which do not need the path to them to be searchable.
+        os.chmod(self.root, 0o700)
         for d in (self.images, self.refs, self.blobs, self.staging, self.durable.dir):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.staging, 0o700)
@@ -402,6 +440,8 @@ class Store:
         for entry in self.staging.iterdir():
             log.info("removing leftover staging directory %s", entry.name)
             shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.trash.iterdir() if self.trash.is_dir() else []:
+            self._to_trash(entry)  # deleted in the background, as when discarded
         for entry in self.blobs.iterdir():
             if entry.name.endswith(".partial") or entry.name.startswith(".tmp-"):
                 entry.unlink(missing_ok=True)
@@ -474,7 +514,46 @@ class Store:
         return final
 
     def discard(self, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
+        """Drop a failed pull's staging tree: out of sight at once, deleted in the background.
+
+        A refused layer of 100,000 empty directories takes a minute to delete
+        on a small disk; the publish that reports the refusal must not wait
+        for it. Whatever a crash leaves in the trash goes at the next start.
+        """
+        try:
+            self.trash.mkdir(mode=0o700, parents=True, exist_ok=True)
+            hidden = self.trash / staging.name
+            os.rename(staging, hidden)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        self._to_trash(hidden)
+
+    def _to_trash(self, path: Path) -> None:
+        self._trash_queue.put(path)
+        with self._trash_lock:
+            if self._trash_thread is None or not self._trash_thread.is_alive():
+                self._trash_thread = threading.Thread(
+                    target=self._empty_trash, name="trash", daemon=True
+                )
+                self._trash_thread.start()
+
+    def _empty_trash(self) -> None:
+        while True:
+            try:
+                path = self._trash_queue.get(timeout=5)
+            except queue.Empty:
+                return
+            shutil.rmtree(path, ignore_errors=True)
+
+    def wait_for_trash(self, timeout: float = 60.0) -> None:
+        """Block until discarded trees are deleted (tests, shutdown)."""
+        thread = self._trash_thread
+        deadline = time.monotonic() + timeout
+        while not self._trash_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def list_images(self) -> list[ImageRecord]:
         out = []

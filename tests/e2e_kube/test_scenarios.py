@@ -216,7 +216,11 @@ def test_estargz_image_lazy_mode(registry: Registry, anon: Forwarder, tmp_path: 
     mount = volume_mount_path("lazy")
     fstypes = [line.split(" - ")[1].split()[0] for line in _mountinfo(mount)]
     assert fstypes and all(t.startswith("fuse") for t in fstypes), fstypes
-    assert metrics().get("csi_oci_volumes_published", 0) >= 1
+    kube.wait_until(  # /metrics serves a snapshot refreshed every few seconds
+        "csi_oci_volumes_published counts the volume",
+        lambda: metrics().get("csi_oci_volumes_published", 0) >= 1,
+        20,
+    )
 
 
 def _mountinfo(point: str) -> list[str]:
@@ -284,7 +288,11 @@ def test_delete_pod_unmounts_and_cleans_target_store_keeps_image(model, anon: Fo
     assert kube.host_mounts_under(pod_dir) == []
     # The node store keeps the tree until garbage collection wants the space.
     assert set(os.listdir(STORE)) == store_trees
-    assert metrics().get("csi_oci_store_images", 0) >= 1
+    kube.wait_until(  # a snapshot, refreshed every few seconds
+        "csi_oci_store_images counts the tree",
+        lambda: metrics().get("csi_oci_store_images", 0) >= 1,
+        20,
+    )
 
 
 READ_LOOP = (

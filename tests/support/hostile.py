@@ -31,6 +31,7 @@ from .lazyfixtures import (
     decompress,
     parse_manifest_position,
 )
+from .registry import Registry
 
 TocEdit = Callable[[dict[str, Any]], None]
 ESTARGZ_FOOTER = 51
@@ -141,7 +142,63 @@ def toc_entry(toc: dict[str, Any], name: str) -> dict[str, Any]:
 __all__ = [
     "containers_toc",
     "estargz_toc",
+    "image_config",
+    "image_manifest",
+    "push_manifest",
     "rewrite_containers_toc",
     "rewrite_estargz_toc",
     "toc_entry",
 ]
+
+
+# -- manifests that lie -------------------------------------------------------------------------
+
+
+def push_manifest(
+    registry: Registry,
+    repo_tag: str,
+    manifest: dict[str, Any],
+    blobs: list[bytes],
+    media_type: str = "application/vnd.oci.image.manifest.v1+json",
+) -> str:
+    """Upload `blobs` and PUT `manifest` as written, whatever its descriptors claim.
+
+    skopeo and oras check sizes before pushing; an attacker does not, and a
+    registry stores a manifest whose descriptor sizes lie (it checks only
+    that the blobs exist). Returns the manifest digest.
+    """
+    from .lazyfixtures import _upload_blob
+
+    repo, _, tag = repo_tag.rpartition(":")
+    for data in blobs:
+        _upload_blob(registry, repo, data)
+    body = json.dumps(manifest).encode()
+    resp = registry.request(
+        "PUT", f"/v2/{repo}/manifests/{tag}", data=body, headers={"Content-Type": media_type}
+    )
+    if resp.status_code != 201:
+        raise RuntimeError(f"manifest PUT {repo_tag}: {resp.status_code} {resp.text}")
+    return sha256_digest(body)
+
+
+def image_manifest(config: bytes, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256_digest(config),
+            "size": len(config),
+        },
+        "layers": layers,
+    }
+
+
+def image_config(diff_ids: list[str]) -> bytes:
+    return json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
