@@ -35,6 +35,14 @@ def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
     return info.value
 
 
+def peak_rss_mb(d: Driver) -> float:
+    assert d.proc is not None
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
 def trees(state: Path) -> set[str]:
     root = state / "images" / "sha256"
     return {f"sha256:{p.name}" for p in root.iterdir()} if root.is_dir() else set()
@@ -156,6 +164,9 @@ def test_a_directory_bomb_stops_at_the_entry_cap_and_evicts_nothing(registry, bo
         d.publish(t, {"image": ref}, volume_id="victim")
         d.unpublish(t, volume_id="victim")
         err = rpc_error(d.publish, target(tmp_path, "bomb"), {"image": bomb_image})
+        peak = peak_rss_mb(d)
+        print(f"\n[dirs bomb] refused at the entry cap; driver peak RSS {peak:.0f} MB")
+        assert peak < 300, peak
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert "more than 50000 entries" in err.details()
         assert "--max-image-entries" in err.details()

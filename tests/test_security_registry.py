@@ -63,6 +63,20 @@ def publish_error(d: Driver, tmp_path: Path, attrs: dict, **kw) -> grpc.RpcError
     return info.value
 
 
+def cache_an_unused_image(d: Driver, registry, tmp_path: Path) -> str:
+    """Publish and unpublish a small image: it stays cached, used by no volume."""
+    digest = push_image(registry, Image([Layer([File("v", b"victim")])]), "victim/v:1", tmp_path)
+    t = target(tmp_path, "victim")
+    d.publish(t, {"image": f"{registry.host}/victim/v:1"}, volume_id="victim")
+    d.unpublish(t, volume_id="victim")
+    assert digest in cached_trees(d)
+    return digest
+
+
+def cached_trees(d: Driver) -> set[str]:
+    return {f"sha256:{p.name}" for p in (d.state_dir / "images" / "sha256").iterdir()}
+
+
 def gzipped(status: int, body: bytes, content_type: str = "application/json") -> Reply:
     return Reply(status, {"Content-Encoding": "gzip", "Content-Type": content_type}, body)
 
@@ -155,17 +169,21 @@ def zstd_manifest(request: Request) -> Reply:
         ("zstd manifest", lambda url: zstd_manifest, grpc.StatusCode.UNAVAILABLE, "zstd"),
     ],
 )
-def test_bodies_are_capped_and_the_driver_stays_small(tmp_path, name, make_handler, code, words):
+def test_bodies_are_capped_and_the_driver_stays_small(
+    registry, tmp_path, name, make_handler, code, words
+):
     server = HostileServer(lambda r: Reply(500))
     server.handler = make_handler(server.url)
     d = driver(tmp_path)
     try:
+        victim = cache_an_unused_image(d, registry, tmp_path)
         err = publish_error(d, tmp_path, {"image": f"{server.host}/evil/model:v1"})
         peak = peak_rss_mb(d)
         print(f"\n[bomb] {name}: {err.code().name}: {err.details()[:160]} | peak RSS {peak:.0f} MB")
         assert err.code() == code, err.details()
         assert words in err.details(), err.details()
         assert peak < MAX_RSS_MB, f"{name}: driver peaked at {peak:.0f} MB"
+        assert victim in cached_trees(d), "a failed pull cost an unused cached image"
     finally:
         d.stop()
         server.stop()
