@@ -32,6 +32,7 @@ import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from csi_oci.errors import InvalidLayer, OutOfSpace, human_bytes, is_out_of_space
 from csi_oci.faults import crash_point
@@ -52,6 +53,11 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _IS_ROOT = os.geteuid() == 0
 
 
+# The private parts of tarfile used below (header errors, `nts`, the `_proc_*`
+# hooks) are not in typeshed; they are stable since Python 3.0.
+_TARFILE: Any = tarfile
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     """TarInfo whose corrupt or cut-off headers are errors.
 
@@ -62,32 +68,35 @@ class _StrictTarInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Any:
         try:
             obj = super().frombuf(buf, encoding, errors)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+        except (_TARFILE.InvalidHeaderError, _TARFILE.TruncatedHeaderError) as exc:
             raise tarfile.ReadError(f"corrupt tar header: {exc}") from None
         if buf[257:265] == tarfile.GNU_MAGIC and obj.type not in tarfile.GNU_TYPES:
             # In GNU headers bytes 345.. hold atime/ctime, not a ustar name
             # prefix; tarfile glues them on. Go and GNU tar use the name alone.
-            name = tarfile.nts(buf[0:100], encoding, errors)
+            name = _TARFILE.nts(buf[0:100], encoding, errors)
             obj.name = name.rstrip("/") if obj.isdir() else name
         return obj
 
     # tarfile reads a PAX record or a GNU long name/link wholly into memory,
     # whatever size its header claims: cap it before that read happens.
-    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         self._check_extension_size("PAX header")
         if self.type == XGLTYPE:
             # A global header would apply to every later entry (tarfile merges
             # it); containerd and Docker ignore them, so the tree must too.
-            tarfile.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
-            return self.fromtarfile(tarfile)
-        return super()._proc_pax(tarfile)  # type: ignore[misc]
+            hidden: Any = self
+            cast(Any, archive).fileobj.read(hidden._block(self.size))
+            return self.fromtarfile(archive)
+        result: tarfile.TarInfo = cast(Any, super())._proc_pax(archive)
+        return result
 
-    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+    def _proc_gnulong(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         self._check_extension_size("GNU long name")
-        return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+        result: tarfile.TarInfo = cast(Any, super())._proc_gnulong(archive)
+        return result
 
     def _check_extension_size(self, what: str) -> None:
         if self.size > MAX_EXTENSION_HEADER_BYTES or self.size < 0:
@@ -431,6 +440,7 @@ class _LayerRun:
         return self._cache_fd
 
     def run(self, stream: Readable) -> None:
+        # ignore: typeshed's overloads of tarfile.open take no custom tarinfo class.
         with tarfile.open(  # type: ignore[call-overload]
             fileobj=TarSource(stream), mode="r:", tarinfo=_StrictTarInfo
         ) as tf:

@@ -13,7 +13,9 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from csi_oci import __version__
 from csi_oci.applier import DEFAULT_MAX_IMAGE_ENTRIES, ENTRY_DISK_BYTES
@@ -57,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, **kw: str) -> argparse.ArgumentParser:
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kw)
 
     s = add("serve", help="run the CSI gRPC server")
@@ -141,7 +143,7 @@ def _size(text: str) -> int:
     return int(raw)
 
 
-def _global_options() -> list[tuple[tuple[str, ...], dict[str, object]]]:
+def _global_options() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     env = os.environ.get
     return [
         (
@@ -293,6 +295,32 @@ def _attrs(args: argparse.Namespace) -> dict[str, str]:
     return attrs
 
 
+T = TypeVar("T")
+
+
+class InBackground(Generic[T]):
+    """`fn` on a thread of its own, so the main thread can draw progress meanwhile."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self._outcome: tuple[T] | BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._outcome = (self._fn(),)
+        except BaseException as exc:
+            self._outcome = exc
+
+    def result(self) -> T:
+        """What `fn` returned, or what it raised (after the thread ended)."""
+        self.thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome[0]
+
+
 def _with_progress(puller: Puller, work: threading.Thread) -> None:
     """Run `work`, drawing a progress bar on a terminal while pulls are active."""
     work.start()
@@ -360,31 +388,19 @@ def _run(args: argparse.Namespace) -> int:
         node_settings(args, float("inf")),
         lock="none" if args.command in ("status", "ls") else "try",
     )
-    result: dict[str, object] = {}
-
-    def guarded(fn: object) -> threading.Thread:
-        def body() -> None:
-            try:
-                result["value"] = fn()  # type: ignore[operator]
-            except BaseException as exc:
-                result["error"] = exc
-
-        return threading.Thread(target=body, daemon=True)
-
     if args.command == "pull":
         spec = parse_volume_attributes(_attrs(args))
 
-        def do_pull() -> object:
+        def do_pull() -> str:
             resolved = parts.puller.resolve(
                 spec.reference, spec.platform, spec.pull_policy, None, spec.include
             )
             parts.puller.ensure(resolved, spec.platform, None)
             return resolved.key
 
-        _with_progress(parts.puller, guarded(do_pull))
-        if "error" in result:
-            raise result["error"]  # type: ignore[misc]
-        key = str(result["value"])
+        pulling = InBackground(do_pull)
+        _with_progress(parts.puller, pulling.thread)
+        key = pulling.result()
         record = parts.store.image(key)
         print(record.summary() if record else f"{spec.reference} -> {key}")
         print(parts.store.tree(key))
@@ -399,13 +415,12 @@ def _run(args: argparse.Namespace) -> int:
         spec = parse_volume_attributes(_attrs(args))
         target = args.dir.absolute()
         vid = _cli_volume_id(target)
-        _with_progress(
-            parts.puller,
-            guarded(lambda: parts.volumes.publish(vid, str(target), spec, None, wait=None)),
+        mounting = InBackground(
+            lambda: parts.volumes.publish(vid, str(target), spec, None, wait=None)
         )
-        if "error" in result:
-            raise result["error"]  # type: ignore[misc]
-        print(f"mounted {spec.reference} ({result['value'].image_digest}) read-only at {target}")  # type: ignore[attr-defined]
+        _with_progress(parts.puller, mounting.thread)
+        digest = mounting.result().image_digest
+        print(f"mounted {spec.reference} ({digest}) read-only at {target}")
         return 0
     if args.command == "gc":
         before = parts.store.usage().total

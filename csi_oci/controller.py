@@ -56,7 +56,7 @@ def check_capabilities(caps: list[csi_pb2.VolumeCapability]) -> None:
 class ControllerService(csi_pb2_grpc.ControllerServicer):
     def __init__(self, driver_name: str) -> None:
         self._driver = driver_name
-        self._seen: dict[str, tuple[str, ...]] = {}
+        self._seen: dict[str, tuple[tuple[str, str], ...]] = {}
         self._lock = threading.Lock()
 
     def CreateVolume(

@@ -121,6 +121,7 @@ class _Guarded:
     host: str
 
     def _new_conn(self) -> socket.socket:
+        # ignore: a mixin's super() is urllib3's HTTP(S)Connection, which mypy cannot see.
         sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         try:
             self.egress.check_peer(sock, self.host)

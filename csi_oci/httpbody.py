@@ -15,6 +15,7 @@ csi_oci.streams.VerifyingReader.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from typing import Protocol
 
 from csi_oci.errors import RegistryError, human_bytes
@@ -43,7 +44,7 @@ class _Response(Protocol):
     def raw(self) -> _Raw: ...
 
     @property
-    def headers(self) -> dict[str, str]: ...
+    def headers(self) -> Mapping[str, str]: ...
 
 
 def read_body(resp: _Response, cap: int, what: str) -> bytes:

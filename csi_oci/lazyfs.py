@@ -221,12 +221,12 @@ class LazyFS(pyfuse3.Operations):
         return attrs
 
     async def getattr(
-        self, inode: int, ctx: pyfuse3.RequestContext = None
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
     async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext = None
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         key = os.fsdecode(name)
@@ -345,7 +345,7 @@ def serve(
         pyfuse3.close(unmount=False)
 
 
-def _file_fetch(path: str) -> tuple[int, object]:
+def _file_fetch(path: str) -> tuple[int, Callable[[int, int], bytes]]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def fetch(offset: int, length: int) -> bytes:
@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         readers = []
         for spec in json.loads(open(args.layers).read()):
             size, fetch = _file_fetch(spec["path"])
-            toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)  # type: ignore[arg-type]
-            readers.append(LazyReader(toc, fetch))  # type: ignore[arg-type]
+            toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)
+            readers.append(LazyReader(toc, fetch))
     serve(LazyTree(readers, include), args.mountpoint, image=image)
     return 0
 
@@ -439,7 +439,7 @@ def _wait_for_job() -> dict[str, str] | None:
     line = sys.stdin.readline()
     if not line.strip():
         return None
-    job = json.loads(line)
+    job: dict[str, str] = json.loads(line)
     if job.get("log"):
         fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         sys.stdout.flush()

@@ -194,19 +194,27 @@ class LazyMounts:
         start_error.unlink(missing_ok=True)
         log_path = mnt.parent / "lazyfs.log"
         creds = self._credentials_path(key)
+        spec = mnt.parent / "image.json"
+        credentials = str(creds) if creds.exists() else None
         job = {
             "mountpoint": str(mnt),
-            "registry_spec": str(mnt.parent / "image.json"),
-            "credentials": str(creds) if creds.exists() else None,
+            "registry_spec": str(spec),
+            "credentials": credentials,
             "log": str(log_path),
             "error_file": str(start_error),
         }
         proc = self._give_to_standby(job)
         if proc is None:
-            command = [sys.executable, "-m", "csi_oci.lazyfs", job["mountpoint"]]
-            command += ["--registry-spec", job["registry_spec"]]
-            if job["credentials"]:
-                command += ["--credentials", job["credentials"]]
+            command = [
+                sys.executable,
+                "-m",
+                "csi_oci.lazyfs",
+                str(mnt),
+                "--registry-spec",
+                str(spec),
+            ]
+            if credentials:
+                command += ["--credentials", credentials]
             command += ["--error-file", str(start_error)]
             with open_private_log(log_path) as log_file:
                 proc = subprocess.Popen(

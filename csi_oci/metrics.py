@@ -622,7 +622,8 @@ class MetricsServer:
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             if environ.get("PATH_INFO") == "/healthz":
                 return self._healthz(start_response)
-            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            body: Iterable[bytes] = metrics_app(environ, start_response)
+            return body
 
         server_class = _ThreadedServer6 if ":" in host else _ThreadedServer
         self._server = make_server(

@@ -254,12 +254,12 @@ def _modelpack(manifest: ImageManifest, config: bytes) -> Plan:
         if fmt == "raw":
             if name is None:
                 raise InvalidLayer(f"{where}: raw ModelPack layer without org.cncf.model.filepath")
-            path = validated_path(name, f"{where} filepath")
+            raw_path = validated_path(name, f"{where} filepath")
             diff_id = diff_ids[index] or desc.digest
             if diff_id != desc.digest:
                 raise InvalidLayer(f"{where}: raw layer's diffId {diff_id} differs from its digest")
             layers.append(
-                LayerPlan(desc, Kind.RAW_FILE, Compression.NONE, path, desc.digest, desc.size)
+                LayerPlan(desc, Kind.RAW_FILE, Compression.NONE, raw_path, desc.digest, desc.size)
             )
         else:
             path = validated_path(name, f"{where} filepath") if name is not None else None

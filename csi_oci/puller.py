@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 from csi_oci import metrics
 from csi_oci.applier import (
@@ -70,7 +71,14 @@ from csi_oci.reference import Reference
 from csi_oci.registry import CredentialLookup, RegistryClient
 from csi_oci.registry_config import ConfigSource
 from csi_oci.store import ImageRecord, Store, blob_pin, tree_key
-from csi_oci.streams import CHUNK, Readable, VerifyingReader, decompressor
+from csi_oci.streams import (
+    CHUNK,
+    Chunk,
+    Readable,
+    ReadableInto,
+    VerifyingReader,
+    decompressor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -942,7 +950,7 @@ class _CountingReader:
         self._on_bytes = on_bytes
         self._cancel = cancel
 
-    def read(self, n: int = -1, /) -> bytes:
+    def read(self, n: int = -1, /) -> Chunk:
         if self._cancel is not None and self._cancel.is_set():
             raise PullCancelled("pull cancelled: another layer failed")
         data = self._source.read(n)
@@ -951,8 +959,8 @@ class _CountingReader:
 
     def readinto(self, buf: memoryview) -> int:
         if self._cancel is not None and self._cancel.is_set():
-            raise CsiOciError("pull cancelled: another layer failed")
-        n: int = self._source.readinto(buf)  # type: ignore[attr-defined]
+            raise PullCancelled("pull cancelled: another layer failed")
+        n: int = cast(ReadableInto, self._source).readinto(buf)
         self._on_bytes(n)
         return n
 

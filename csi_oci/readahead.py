@@ -34,9 +34,9 @@ import contextlib
 import ctypes
 import queue
 import threading
-from typing import Any
+from typing import Any, cast
 
-from csi_oci.streams import Readable
+from csi_oci.streams import Readable, ReadableInto
 
 # Small on purpose: a chunk is received, hashed and written (or inflated)
 # while it is still in the core's cache. With 4 MiB chunks every stage read
@@ -127,7 +127,7 @@ class ReadAhead:
                 buf = self._free.get(timeout=0.2)
             except queue.Empty:
                 continue
-            n = self._source.readinto(memoryview(buf))  # type: ignore[attr-defined]
+            n = cast(ReadableInto, self._source).readinto(memoryview(buf))
             return memoryview(buf)[:n]
         return None
 

@@ -10,6 +10,7 @@ secret was passed, never its value.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from google.protobuf import text_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -35,7 +36,9 @@ def is_secret_key(key: str) -> bool:
 
 
 def _is_csi_secret(field: FieldDescriptor) -> bool:
-    return bool(field.GetOptions().Extensions[csi_pb2.csi_secret])
+    # The stubs type Extensions[] for extension descriptors of another shape.
+    extensions: Any = field.GetOptions().Extensions
+    return bool(extensions[csi_pb2.csi_secret])
 
 
 def redacted_copy(msg: Message) -> Message:
@@ -56,6 +59,7 @@ def _redact_in_place(msg: Message) -> None:
                 msg.ClearField(field.name)
             continue
         if is_map:
+            assert field.message_type is not None  # a map field's entry type
             value_field = field.message_type.fields_by_name["value"]
             if value_field.type == FieldDescriptor.TYPE_STRING:
                 for key in list(value):

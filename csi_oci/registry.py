@@ -113,6 +113,8 @@ class _Session(requests.Session):
             check_redirect(resp.url, urljoin(resp.url, target))
         return target
 
+    # ignore: typeshed spells out every keyword of Session.request; this only
+    # fills two of them and passes the rest through.
     def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self._timeout
@@ -127,6 +129,8 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
     _shared: ClassVar[dict[tuple[str, ...], tuple[str, float]]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
+    token: str | None  # set by oras-py's TokenAuth
+
     def __init__(self, endpoint: Endpoint) -> None:
         super().__init__()
         self.expiry = 0.0
@@ -135,7 +139,8 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
     def get_auth_header(self) -> dict[str, str]:
         if self.token and time.monotonic() >= self.expiry:
             self.token = None
-        return super().get_auth_header()
+        header: dict[str, str] = super().get_auth_header()
+        return header
 
     def forget(self) -> None:
         """Drop the current token everywhere (the registry refused it)."""
@@ -149,7 +154,7 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
         who = hashlib.sha256(str(getattr(self, "_basic_auth", "") or "").encode()).hexdigest()
         return (str(h.realm), str(h.service), str(h.scope), who)
 
-    def request_token(self, h: Any) -> str | None:  # type: ignore[override]
+    def request_token(self, h: Any) -> str | None:
         key = self._key(h)
         now = time.monotonic()
         with self._shared_lock:
@@ -220,7 +225,7 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
             )
         return url
 
-    def request_anonymous_token(self, h: Any, headers: Any = None) -> str | None:  # type: ignore[override]
+    def request_anonymous_token(self, h: Any, headers: Any = None) -> str | None:
         return self.request_token(h)
 
 
@@ -309,7 +314,7 @@ class _Connection:
             insecure=self.endpoint.base_url.startswith("http://"),
             auth_backend=backend,
         )
-        session.cookies.set_policy(reg.session.cookies._policy)  # type: ignore[attr-defined]
+        session.cookies.set_policy(reg.session.cookies._policy)
         if backend == "token":
             auth = _ExpiringTokenAuth(self.endpoint)
             auth.prefix = reg.auth.prefix
@@ -325,7 +330,8 @@ class _Connection:
 
     def _send(self, fn: Any, *args: Any, **kwargs: Any) -> requests.Response:
         try:
-            return fn(*args, **kwargs)
+            resp: requests.Response = fn(*args, **kwargs)
+            return resp
         except requests.exceptions.SSLError as exc:
             raise RegistryError(
                 f"TLS error talking to {self.name}: {_short_tls(exc)}; if it uses a private CA "
@@ -345,7 +351,7 @@ class _Connection:
     ) -> requests.Response:
         """GET (or HEAD) base+path with auth; the response's status is checked."""
         reg = self._client()
-        undecorated = oras.provider.Registry.do_request.__wrapped__  # type: ignore[attr-defined]
+        undecorated = oras.provider.Registry.do_request.__wrapped__
         url = f"{self.base}{path}"
         for attempt in (1, 2):
             try:
@@ -458,7 +464,11 @@ class RegistryClient:
                 host = ref.registry if not endpoint.mirror else endpoint.host
                 creds = lookup(host, endpoint.repository(ref.repository))
             else:
-                creds = credentials if not endpoint.mirror else None  # type: ignore[assignment]
+                creds = (
+                    credentials
+                    if isinstance(credentials, Credentials) and not endpoint.mirror
+                    else None
+                )
             self.connections.append(_Connection(ref, endpoint, creds, timeout, self.config.egress))
         self.served_by: set[str] = set()
         self.bytes_on_wire = 0

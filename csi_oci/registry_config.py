@@ -274,7 +274,7 @@ def parse_config(text: str, source: str = "registry config") -> RegistryConfig:
         if bad:
             raise InvalidArgument(f"{source}: hosts.{host}: unknown keys {sorted(bad)}")
         _typed(raw, f"{source}: hosts.{host}")
-        mirrors = []
+        mirrors: list[dict[str, Any]] = []
         for item in raw.get("mirrors") or []:
             entry = {"url": item} if isinstance(item, str) else item
             if not isinstance(entry, dict) or set(entry) - _MIRROR_KEYS:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -173,12 +173,18 @@ def _count_rpc(method: str, code: grpc.StatusCode, elapsed: float) -> None:
     metrics.RPC_DURATION.labels(method).observe(elapsed)
 
 
-class _RpcInterceptor(grpc.ServerInterceptor):
+if TYPE_CHECKING:  # generic in grpc-stubs only; not subscriptable at run time
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+
+
+class _RpcInterceptor(_ServerInterceptor):
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -339,7 +345,8 @@ def serve(opts: ServeOptions) -> int:
     metrics_server = _start_metrics(opts, path, parts, serving)
     if parts is not None and not opts.node.lazy_external:
         _start_lazy_watchdog(parts)  # else the lazy-server container watches them
-        parts.volumes.lazy.prepare_standby()  # type: ignore[union-attr]
+        if parts.volumes.lazy is not None:
+            parts.volumes.lazy.prepare_standby()
     main_log.info(
         "csi-oci %s serving %s on %s (node %s, state %s)",
         opts.driver_name,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 import zstandard
 
@@ -29,8 +29,19 @@ CHUNK = 1024 * 1024
 MAX_ZSTD_WINDOW = 1 << 27
 
 
+# What a stage of a pipeline hands on: bytes, or a view of a recycled buffer
+# (csi_oci.readahead), valid until the next read.
+Chunk = bytes | memoryview
+
+
 class Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
+    def read(self, n: int = -1, /) -> Chunk: ...
+
+
+class ReadableInto(Readable, Protocol):
+    """A source that can also fill the caller's buffer (no copy)."""
+
+    def readinto(self, buf: memoryview, /) -> int: ...
 
 
 class VerifyingReader:
@@ -54,6 +65,8 @@ class VerifyingReader:
     ) -> None:
         algo, _, self._expected_hex = digest.partition(":")
         self._source = source
+        # The raw-file path gives a source that also has readinto (ResumableStream).
+        self._into = cast(ReadableInto, source)
         self._digest = digest
         self._size = size
         self._what = what
@@ -62,7 +75,7 @@ class VerifyingReader:
         self.count = offset
         self.verified = False
 
-    def read(self, n: int = -1, /) -> bytes:
+    def read(self, n: int = -1, /) -> Chunk:
         if self.verified:
             return b""
         data = self._source.read(CHUNK if n is None or n < 0 else n)
@@ -86,7 +99,7 @@ class VerifyingReader:
         """
         if self.verified:
             return 0
-        n = self._source.readinto(buf)  # type: ignore[attr-defined]
+        n = self._into.readinto(buf)
         if not n:
             self._finish()
             return 0
@@ -133,7 +146,7 @@ class VerifyingReader:
                 return left
 
 
-def _gzip_decoder() -> tuple[Callable[[], Any], type[Exception], str]:
+def _gzip_decoder() -> tuple[Callable[[], Any], Any, str]:
     """The fastest inflate there is here: ISA-L (about 2x zlib on x86-64 with
     AVX2/AVX-512, measured in hack/bench), then zlib-ng, then zlib. All three
     take the same zlib API, so the reader below does not care which."""
@@ -182,7 +195,7 @@ class GzipReader:
                 if not data:
                     raise InvalidLayer(f"{self._what}: gzip stream is truncated")
             try:
-                out = self._d.decompress(data, want)
+                out: bytes = self._d.decompress(data, want)
             except InflateError as exc:
                 raise InvalidLayer(f"{self._what}: corrupt gzip data: {exc}") from None
             if out:
@@ -225,7 +238,7 @@ class _ZstdFrameTracker:
         self._state = "magic"
         self._checksum = False
 
-    def read(self, n: int = -1, /) -> bytes:
+    def read(self, n: int = -1, /) -> Chunk:
         data = self._source.read(n)
         if not data:
             if self._state != "magic" or self._header or self._skip:
@@ -287,7 +300,10 @@ class ZstdReader:
         self._what = what
         dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
         tracked = _ZstdFrameTracker(source, what)
-        self._reader = dctx.stream_reader(tracked, read_size=CHUNK, read_across_frames=True)
+        # stream_reader only calls read() on its source (typed as IO[bytes] in its stubs).
+        self._reader = dctx.stream_reader(
+            cast(IO[bytes], tracked), read_size=CHUNK, read_across_frames=True
+        )
 
     def read(self, n: int = -1, /) -> bytes:
         try:

@@ -80,7 +80,7 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
             return max(0.0, min(retry_after, self.max_retry_after))
-        capped = min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1)))
+        capped = min(self.max_delay, self.base_delay * 2.0 ** max(0, attempt - 1))
         return capped * random.uniform(0.5, 1.0)  # full jitter would allow 0: keep half
 
 
@@ -164,7 +164,13 @@ class ResumableStream:
             return 0
         total = 0
         while total < want:
-            total += self._receive(lambda body, at=total: body.readinto(view[at:want]))
+            at = total
+
+            def fill(body: Any, at: int = at) -> int:
+                got: int = body.readinto(view[at:want])
+                return got
+
+            total += self._receive(fill)
         return total
 
     def read(self, n: int = -1, /) -> bytes:
@@ -178,7 +184,8 @@ class ResumableStream:
         if want <= 0:
             self.close()
             return b""
-        return self._receive(lambda body: body.read(want))
+        data: bytes = self._receive(lambda body: body.read(want))
+        return data
 
     def _receive(self, op: Callable[[Any], Any]) -> Any:
         """One successful `op` on the response body (bytes or a count), after as
