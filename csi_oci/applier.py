@@ -32,7 +32,7 @@ import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from csi_oci.errors import InvalidLayer, OutOfSpace, human_bytes, is_out_of_space
 from csi_oci.faults import crash_point
@@ -56,6 +56,7 @@ _IS_ROOT = os.geteuid() == 0
 # The private parts of tarfile used below (header errors, `nts`, the `_proc_*`
 # hooks) are not in typeshed; they are stable since Python 3.0.
 _TARFILE: Any = tarfile
+T = TypeVar("T")
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -234,6 +235,16 @@ class ApplyStats:
     skipped_special: list[str] = field(default_factory=list)
 
 
+def _encoded(name: str, what: str) -> bytes:
+    """A name's bytes on disk. Tar names arrive surrogate-escaped (any bytes);
+    names from JSON (TOCs, annotations) may hold lone surrogates that are no
+    bytes at all (the fuzzer's `"\\ud800"`): refused, not a crash."""
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InvalidLayer(f"{what} {name[:64]!r}: name is not valid UTF-8") from None
+
+
 def split_member_name(name: str, what: str = "entry") -> list[str]:
     """Clean a tar member name into path components relative to the root.
 
@@ -242,13 +253,13 @@ def split_member_name(name: str, what: str = "entry") -> list[str]:
     """
     if "\0" in name:
         raise InvalidLayer(f"{what} {name!r}: name contains a NUL byte")
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+    if len(_encoded(name, what)) > MAX_PATH_BYTES:
         raise InvalidLayer(f"{what} {name[:64]!r}...: path longer than {MAX_PATH_BYTES} bytes")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     for part in parts:
         if part == "..":
             raise InvalidLayer(f"{what} {name!r}: '..' in a path is not allowed")
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        if len(_encoded(part, what)) > MAX_NAME_BYTES:
             raise InvalidLayer(f"{what} {name[:64]!r}: a path component is longer than 255 bytes")
     if len(parts) > MAX_DEPTH:
         raise InvalidLayer(f"{what} {name[:64]!r}...: deeper than {MAX_DEPTH} directories")
@@ -260,6 +271,28 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _open_tar(stream: Readable) -> tarfile.TarFile:
+    # ignore: typeshed's overloads of tarfile.open take no custom tarinfo class.
+    tf: tarfile.TarFile = tarfile.open(  # type: ignore[call-overload]
+        fileobj=TarSource(stream), mode="r:", tarinfo=_StrictTarInfo
+    )
+    return tf
+
+
+def _tar_reading(step: Callable[..., T], *args: Any) -> T:
+    """One step of tarfile's header parsing, its stray errors made ReadErrors.
+
+    tarfile raises ValueError, OverflowError or UnicodeError for some
+    malformed PAX records (GNU sparse maps and sizes that are not numbers,
+    found by the fuzzer, tests/fuzz/regressions/tar); they are the archive's
+    fault, so they become "malformed tar archive" like any TarError.
+    """
+    try:
+        return step(*args)
+    except (ValueError, OverflowError, UnicodeError) as exc:
+        raise tarfile.ReadError(f"malformed header: {exc}") from None
 
 
 def resolve_dir(
@@ -440,15 +473,13 @@ class _LayerRun:
         return self._cache_fd
 
     def run(self, stream: Readable) -> None:
-        # ignore: typeshed's overloads of tarfile.open take no custom tarinfo class.
-        with tarfile.open(  # type: ignore[call-overload]
-            fileobj=TarSource(stream), mode="r:", tarinfo=_StrictTarInfo
-        ) as tf:
-            for member in tf:
+        with _tar_reading(_open_tar, stream) as tf:
+            while (member := _tar_reading(tf.next)) is not None:
                 self._apply_member(tf, member)
                 # tarfile keeps every header it parsed; a million-entry layer
-                # would hold them all. Iteration does not need the list.
-                tf.members.clear()
+                # would hold them all. Iteration does not need the list (the
+                # attribute is not in typeshed).
+                cast(Any, tf).members.clear()
         self._set_dir_times()
 
     def _apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
@@ -610,7 +641,7 @@ class _LayerRun:
             raise InvalidLayer(f"{where}: symbolic link with an empty target")
         if "\0" in m.linkname:
             raise InvalidLayer(f"{where}: symbolic link target contains a NUL byte")
-        if len(m.linkname.encode("utf-8", "surrogateescape")) >= MAX_PATH_BYTES:
+        if len(_encoded(m.linkname, where)) >= MAX_PATH_BYTES:
             raise InvalidLayer(f"{where}: symbolic link target longer than {MAX_PATH_BYTES} bytes")
         parent, name = self._prepare(parts)
         # The target is stored verbatim: it is only ever followed in-root by us,

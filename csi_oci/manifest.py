@@ -97,11 +97,23 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
     )
 
 
-def load_json(data: bytes, what: str) -> dict[str, Any]:
+def parse_json(data: bytes | str, what: str) -> Any:
+    """Any JSON value from outside; malformed input is a RegistryError, never a crash."""
     try:
-        obj = json.loads(data)
+        return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RegistryError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RegistryError(f"{what} is not valid JSON: nested too deeply") from None
+
+
+def load_json(data: bytes | str, what: str) -> dict[str, Any]:
+    """A JSON object from a registry or an annotation: anything else is RegistryError.
+
+    RecursionError too: `[[[[...` nested a few thousand deep stops the parser
+    (tests/fuzz/regressions/manifest/deeply-nested-json).
+    """
+    obj = parse_json(data, what)
     if not isinstance(obj, dict):
         raise RegistryError(f"{what} is not a JSON object")
     return obj

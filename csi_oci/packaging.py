@@ -38,6 +38,7 @@ from csi_oci.manifest import (
     Descriptor,
     ImageManifest,
     parse_config,
+    parse_json,
 )
 from csi_oci.reference import validate_digest
 
@@ -124,11 +125,8 @@ def validated_path(name: str, where: str) -> str:
 
 
 def _load_config(config: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(config)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistryError(f"artifact config is not valid JSON: {exc}") from None
-    return obj if isinstance(obj, dict) else {}
+    obj = parse_json(config, "artifact config")
+    return obj if isinstance(obj, dict) else {}  # valid JSON but no object says nothing
 
 
 def plan_for(manifest: ImageManifest, config: bytes) -> Plan:
@@ -226,7 +224,7 @@ def _declared_size(desc: Descriptor) -> int | None:
         return None
     try:
         meta = json.loads(desc.annotations[key])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise InvalidLayer(f"layer {desc.digest}: malformed {key}") from None
     size = meta.get("size") if isinstance(meta, dict) else None
     typeflag = meta.get("typeflag") if isinstance(meta, dict) else None

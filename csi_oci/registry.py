@@ -31,7 +31,6 @@ redirect (e.g. to a presigned blob-storage URL) changes host.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -59,6 +58,7 @@ from csi_oci.manifest import (
     MAX_MANIFEST_BYTES,
     Descriptor,
     detect_media_type,
+    parse_json,
 )
 from csi_oci.reference import Reference
 from csi_oci.registry_config import Endpoint, RegistryConfig
@@ -181,15 +181,15 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
         finally:
             resp.close()
         try:
-            info = json.loads(body)
-        except ValueError:
+            info = parse_json(body, "token response")
+        except RegistryError:
             return None
         if not isinstance(info, dict):
             return None
         token = info.get("token") or info.get("access_token")
         if not token:
             return None
-        lifetime = float(info.get("expires_in") or 60)  # the Docker token spec's default
+        lifetime = _token_lifetime(info.get("expires_in"))
         self.expiry = now + max(1.0, lifetime * 0.9)
         with self._shared_lock:
             self._shared[key] = (token, self.expiry)
@@ -205,9 +205,13 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
         are known). Connections to it pass the egress policy like any other.
         """
         url = realm if "://" in realm else f"{self.prefix}://{realm}"
-        parts = urlsplit(url)
         name = self.endpoint.describe()
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+        except ValueError:  # e.g. "http://[x/token" (tests/fuzz/regressions/registry)
+            hostname = None
+        if hostname is None or parts.scheme not in ("http", "https"):
             raise EgressRefused(f"{name} names token service {realm[:100]!r}: not an http(s) URL")
         if self.endpoint.base_url.startswith("https://") and parts.scheme != "https":
             raise EgressRefused(
@@ -215,12 +219,12 @@ class _ExpiringTokenAuth(oras.auth.TokenAuth):
                 "anything there from an https registry"
             )
         own = urlsplit(self.endpoint.base_url).hostname
-        allowed = parts.hostname == own or parts.hostname in self.endpoint.realm_hosts
+        allowed = hostname == own or hostname in self.endpoint.realm_hosts
         if getattr(self, "_basic_auth", None) and not allowed:
             raise AuthError(
-                f"{name} names its token service on another host, {parts.hostname}; csi-oci "
+                f"{name} names its token service on another host, {hostname}; csi-oci "
                 f"sends credentials only to the registry's own host or to a token host listed "
-                f'for it (realm_hosts = ["{parts.hostname}"] under [hosts."{self.endpoint.host}"] '
+                f'for it (realm_hosts = ["{hostname}"] under [hosts."{self.endpoint.host}"] '
                 "in --registry-config)"
             )
         return url
@@ -246,7 +250,7 @@ def _error_detail(resp: requests.Response) -> str:
     """
     try:
         body = read_body(resp, MAX_ERROR_BODY_BYTES, "error body")
-        errors = json.loads(body).get("errors") or []
+        errors = parse_json(body, "error body").get("errors") or []
         parts = [
             f"{_printable(e.get('code', ''))}: {_printable(e.get('message', ''))}".strip(": ")
             for e in errors[:5]
@@ -254,6 +258,14 @@ def _error_detail(resp: requests.Response) -> str:
         return "; ".join(p for p in parts if p)[:500]
     except (ValueError, AttributeError, TypeError, CsiOciError, requests.RequestException):
         return ""  # an error body we cannot read says nothing more
+
+
+def _token_lifetime(value: object) -> float:
+    """`expires_in` in seconds: a sane number, else the Docker token spec's 60."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if 0 < value < 10**7:  # NaN, negatives, 1e400 and the like are not lifetimes
+            return float(value)
+    return 60.0
 
 
 def _printable(value: object) -> str:
@@ -598,7 +610,8 @@ class RegistryClient:
             except CsiOciError:
                 return None
             try:
-                tags = json.loads(read_body(resp, MAX_TAG_LIST_BYTES, "tag list")).get("tags")
+                body = read_body(resp, MAX_TAG_LIST_BYTES, "tag list")
+                tags = parse_json(body, "tag list").get("tags")
             except (ValueError, AttributeError, CsiOciError, requests.RequestException):
                 return None
             finally:

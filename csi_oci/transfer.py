@@ -99,8 +99,8 @@ def parse_retry_after(value: str | None) -> float | None:
 
         try:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return None  # a date we cannot read (or in the year 10000) says nothing
 
 
 def body_of(resp: requests.Response) -> Any:

@@ -124,7 +124,9 @@ def _toc_from_tar(tar_bytes: bytes) -> bytes:
             src = tf.extractfile(member)
             assert src is not None
             data = src.read()
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, ValueError, OverflowError, UnicodeError) as exc:
+        # tarfile's PAX parsing lets ValueError and kin out for some malformed
+        # records (tests/fuzz/regressions/estargz-blob).
         raise InvalidLayer(f"eStargz TOC member is not a tar: {exc}") from None
     if len(data) != member.size:
         raise InvalidLayer("eStargz TOC is truncated")
@@ -171,7 +173,7 @@ def toc_digest_field(raw: dict[str, Any], key: str, name: str) -> Digest | None:
 
 def entry_from_toc(raw: dict[str, Any], name: str, kind: Any) -> Entry:
     """The metadata fields both TOC schemas share (eStargz's and containers/storage's)."""
-    if kind not in ENTRY_TYPES:
+    if not isinstance(kind, str) or kind not in ENTRY_TYPES:
         raise InvalidLayer(f"TOC entry {name!r} has unknown type {kind!r}")
     entry = Entry(
         name=name,
