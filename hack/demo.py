@@ -6,7 +6,8 @@ What it does, all on this machine and in a few seconds:
 1. starts a real loopback registry (``docker-registry``) in a temp dir;
 2. builds a small sample model image ``demo/tiny-model:v1`` (config.json,
    tokenizer.json, a safetensors weights file of deterministic pseudo-random
-   bytes, README.md; one gzip and one zstd layer) and pushes it with skopeo;
+   bytes, README.md; one gzip and one zstd layer) and pushes it over the
+   registry's HTTP API (monolithic blob uploads, then the manifest);
 3. starts ``csi-oci serve --mode all`` on a unix socket;
 4. plays the container orchestrator over the CSI gRPC API: GetPluginInfo,
    Probe, CreateVolume, NodePublishVolume (timed), then inspects the mount
@@ -14,8 +15,8 @@ What it does, all on this machine and in a few seconds:
    a write that must fail), NodeUnpublishVolume and DeleteVolume;
 5. stops the driver (SIGTERM) and the registry and removes the temp dir.
 
-Needs root (NodePublishVolume bind-mounts) and the tools that
-``hack/install-deps`` installs.  Run it with the project's venv::
+Needs root (NodePublishVolume bind-mounts) and what ``hack/install-deps demo``
+installs (docker-registry, fuse3, the venv with csi-oci).  Run it with the project's venv::
 
     .venv/bin/python hack/demo.py [--keep] [--image-size-mib N]
 
@@ -60,14 +61,15 @@ from support.images import (  # noqa: E402
     File,
     Image,
     Layer,
-    push_image,
+    sha256_digest,
 )
-from support.registry import INSTALL_HINT, Registry, missing_tools  # noqa: E402
+from support.registry import ACCEPT_MANIFESTS, Registry, missing_tools  # noqa: E402
 
 from csi_oci.attributes import KEY_IMAGE, KEY_SUB_PATH, node_platform  # noqa: E402
 from csi_oci.csi.v1 import csi_pb2, csi_pb2_grpc  # noqa: E402
 from csi_oci.mounts import mounts_at, read_mountinfo, unmount  # noqa: E402
 
+INSTALL_HINT = "run hack/install-deps demo (as root) to install what the demo needs"
 REPO_NAME = "demo/tiny-model"
 TAG = "v1"
 MODEL_DIR = "models/tiny-model"  # where the files live inside the image
@@ -212,6 +214,62 @@ def build_image(files: dict[str, bytes]) -> Image:
         variant=plat.variant,
         annotations={"org.opencontainers.image.title": "tiny-model (csi-oci demo)"},
     )
+
+
+# -- pushing over the registry's HTTP API -------------------------------------------
+
+
+def _path_of(location: str) -> str:
+    """A Location header as a path on the registry (it may be an absolute URL)."""
+    if "://" in location:
+        return "/" + location.split("://", 1)[1].split("/", 1)[1]
+    return location
+
+
+def upload_blob(registry: Registry, repo: str, digest: str, data: bytes) -> None:
+    """Monolithic upload: POST an upload session, PUT the bytes with ?digest=."""
+    if registry.request("HEAD", f"/v2/{repo}/blobs/{digest}").status_code == 200:
+        return  # already there
+    start = registry.request("POST", f"/v2/{repo}/blobs/uploads/")
+    if start.status_code != 202 or "Location" not in start.headers:
+        raise DemoError(f"blob upload to {repo}: POST answered {start.status_code} {start.text}")
+    location = _path_of(start.headers["Location"])
+    sep = "&" if "?" in location else "?"
+    put = registry.request(
+        "PUT",
+        f"{location}{sep}digest={digest}",
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    if put.status_code != 201:
+        raise DemoError(f"blob upload {short(digest)}: PUT answered {put.status_code} {put.text}")
+
+
+def push_over_http(registry: Registry, image: Image, repo: str, tag: str) -> str:
+    """Push the layers and config, then the manifest as ``repo:tag``; return the
+    digest of the manifest bytes the registry serves back (checked against its
+    ``Docker-Content-Digest``)."""
+    for layer in image.layers:
+        upload_blob(registry, repo, layer.digest, layer.blob)
+    upload_blob(registry, repo, image.config_digest, image.config_bytes)
+    put = registry.request(
+        "PUT",
+        f"/v2/{repo}/manifests/{tag}",
+        data=image.manifest_bytes,
+        headers={"Content-Type": image.media_type},
+    )
+    if put.status_code != 201:
+        raise DemoError(f"manifest PUT {repo}:{tag} answered {put.status_code} {put.text}")
+    got = registry.request(
+        "GET", f"/v2/{repo}/manifests/{tag}", headers={"Accept": ACCEPT_MANIFESTS}
+    )
+    if got.status_code != 200:
+        raise DemoError(f"manifest GET {repo}:{tag} answered {got.status_code} {got.text}")
+    digest = sha256_digest(got.content)
+    header = got.headers.get("Docker-Content-Digest")
+    if header and header != digest:
+        raise DemoError(f"registry says {header} but the manifest it serves hashes to {digest}")
+    return digest
 
 
 # -- processes -------------------------------------------------------------------------
@@ -462,7 +520,7 @@ def run(args: argparse.Namespace, st: State) -> None:
     t = time.monotonic()
     files = model_files(args.image_size_mib)
     image = build_image(files)
-    digest = push_image(registry, image, f"{REPO_NAME}:{TAG}", tmp / "build")
+    digest = push_over_http(registry, image, REPO_NAME, TAG)
     if digest != image.manifest_digest:
         raise DemoError(f"registry holds {digest}, built {image.manifest_digest}")
     image_ref = f"{registry.host}/{REPO_NAME}:{TAG}"
@@ -675,7 +733,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="csi-oci demo: publish a sample OCI model image as a read-only CSI volume "
-        "through the driver's gRPC API (needs root and hack/install-deps)."
+        "through the driver's gRPC API (needs root and hack/install-deps demo)."
     )
     p.add_argument(
         "--keep",
@@ -700,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("demo: error: must run as root (NodePublishVolume bind-mounts)", file=sys.stderr)
         return 1
-    missing = missing_tools("docker-registry", "skopeo")
+    missing = missing_tools("docker-registry")
     if missing:
         print(f"demo: error: missing {', '.join(missing)}; {INSTALL_HINT}", file=sys.stderr)
         return 1
