@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import stat
@@ -291,8 +292,27 @@ def _tar_reading(step: Callable[..., T], *args: Any) -> T:
     """
     try:
         return step(*args)
-    except (ValueError, OverflowError, UnicodeError) as exc:
+    except (ValueError, OverflowError, UnicodeError, IndexError) as exc:
         raise tarfile.ReadError(f"malformed header: {exc}") from None
+
+
+MAX_ID = (1 << 32) - 2  # uid/gid: 32 bits, and (uid_t)-1 means "leave as is" to chown
+MAX_MTIME = 1 << 34  # seconds either side of 1970: year 2514; os.utime takes no more
+
+
+def _check_numbers(m: tarfile.TarInfo, where: str) -> None:
+    """Owner ids and times that chown and utime can take, else the layer is refused.
+
+    A PAX record may say anything (`uid=-1`, `mtime=nan`, `mtime=1e300`): the
+    fuzzer's reproducers in tests/fuzz/regressions/tar made os.fchown and
+    os.utime raise OverflowError and ValueError before these checks.
+    """
+    for name, value in (("uid", m.uid), ("gid", m.gid)):
+        if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+            raise InvalidLayer(f"{where}: {name} {value!r} is out of range")
+    mtime = m.mtime
+    if not isinstance(mtime, int | float) or not math.isfinite(mtime) or abs(mtime) > MAX_MTIME:
+        raise InvalidLayer(f"{where}: modification time {mtime!r} is out of range")
 
 
 def resolve_dir(
@@ -494,6 +514,7 @@ class _LayerRun:
     def _apply_checked(self, tf: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> None:
         if m.size < 0:
             raise InvalidLayer(f"{where}: negative size {m.size}")
+        _check_numbers(m, where)
         policy = self.owner.policy
         parts = split_member_name(m.name, f"{self.what}: entry")
         self.owner._charge(1, m.size if m.isreg() else 0, where)

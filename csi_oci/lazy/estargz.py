@@ -124,7 +124,7 @@ def _toc_from_tar(tar_bytes: bytes) -> bytes:
             src = tf.extractfile(member)
             assert src is not None
             data = src.read()
-    except (tarfile.TarError, ValueError, OverflowError, UnicodeError) as exc:
+    except (tarfile.TarError, ValueError, OverflowError, UnicodeError, IndexError) as exc:
         # tarfile's PAX parsing lets ValueError and kin out for some malformed
         # records (tests/fuzz/regressions/estargz-blob).
         raise InvalidLayer(f"eStargz TOC member is not a tar: {exc}") from None
