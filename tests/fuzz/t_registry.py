@@ -89,10 +89,21 @@ def _no_network(self: Any, request: Any, **kwargs: Any) -> Any:
     raise requests.exceptions.ConnectionError(f"fuzz harness: no network ({request.url})")
 
 
-# Every response here is the fuzzer's: a code path that would reach the network
-# (or back off and retry) must fail fast, not wait, whatever the code becomes.
-requests.Session.send = _no_network  # type: ignore[method-assign]
-time.sleep = lambda seconds: None
+_isolated = False
+
+
+def _isolate() -> None:
+    """Every response here is the fuzzer's: a code path that would reach the network
+    (or back off and retry) must fail fast, not wait, whatever the code becomes.
+
+    Done on the first input, not at import: the seed generator imports this module
+    (for STATUSES) and needs the network to a loopback registry.
+    """
+    global _isolated
+    if not _isolated:
+        requests.Session.send = _no_network  # type: ignore[method-assign]
+        time.sleep = lambda seconds: None
+        _isolated = True
 
 
 def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Any:
@@ -189,6 +200,7 @@ def _headers(header: str) -> None:
 
 def target(data: bytes) -> None:
     global _encoding
+    _isolate()
     if len(data) < 2:
         return
     handler, encoding = (data[0] & 7) % 5, (data[0] >> 4) & 3
