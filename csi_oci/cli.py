@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from csi_oci import __version__
-from csi_oci.applier import DEFAULT_MAX_IMAGE_ENTRIES, ENTRY_DISK_BYTES
-from csi_oci.attributes import (
+from csi_oci.app import NodeParts, NodeSettings, build_node_parts
+from csi_oci.csi.server import ServeOptions, serve
+from csi_oci.errors import CsiOciError
+from csi_oci.publish.lazy_server import serve_lazy
+from csi_oci.pull.puller import Puller
+from csi_oci.spec.attributes import (
     KEY_IMAGE,
     KEY_INCLUDE,
     KEY_MODE,
@@ -28,12 +32,9 @@ from csi_oci.attributes import (
     KEY_SUB_PATH,
     parse_volume_attributes,
 )
-from csi_oci.errors import CsiOciError
-from csi_oci.lazyserver import serve_lazy
-from csi_oci.logs import LOG_FORMATS, setup_logging
-from csi_oci.metrics import DEFAULT_METRICS_ADDRESS
-from csi_oci.puller import Puller
-from csi_oci.server import NodeParts, NodeSettings, ServeOptions, build_node_parts, serve
+from csi_oci.telemetry.endpoint import DEFAULT_METRICS_ADDRESS
+from csi_oci.telemetry.logs import LOG_FORMATS, setup_logging
+from csi_oci.unpack.budget import DEFAULT_MAX_IMAGE_ENTRIES, ENTRY_DISK_BYTES
 
 DEFAULT_STATE_DIR = "/var/lib/csi-oci"
 DEFAULT_DRIVER_NAME = "oci.csi.dev"

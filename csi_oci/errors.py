@@ -159,7 +159,7 @@ def is_out_of_space(exc: BaseException) -> bool:
 def error_from_record(kind: object, message: str) -> CsiOciError:
     """An error another process of ours recorded (class name + message), rebuilt.
 
-    A lazy FUSE server that cannot start writes why (csi_oci.lazyfs); the
+    A lazy FUSE server that cannot start writes why (csi_oci.lazy.fs); the
     publish waiting for it raises the same class, so the caller gets the
     status that names the problem (INVALID_ARGUMENT for a hostile TOC, not
     INTERNAL). Unknown names fall back to MountError.

@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from csi_oci.digest import Digest, parse_digest
 from csi_oci.errors import IntegrityError, InvalidLayer
 from csi_oci.lazy.toc import (
     ENTRY_TYPES,
@@ -39,6 +38,7 @@ from csi_oci.lazy.toc import (
     iter_toc_entries,
     normalize_name,
 )
+from csi_oci.spec.digest import Digest, parse_digest
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from csi_oci.errors import CsiOciError
-from csi_oci.lazy import LazyReader
+from csi_oci.lazy.reader import LazyReader
 from csi_oci.lazy.toc import Entry, Piece
 
 log = logging.getLogger(__name__)

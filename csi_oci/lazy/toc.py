@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from csi_oci.digest import Digest
 from csi_oci.errors import InvalidLayer
+from csi_oci.spec.digest import Digest
 
 # Files the formats add to the layer root for their own use: never shown.
 HIDDEN_ROOT_NAMES = frozenset({"stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"})
@@ -224,7 +224,7 @@ class TOC:
 
 def normalize_name(raw: str, where: str) -> str:
     """A TOC name made relative and clean, held to the rules for tar member names."""
-    from csi_oci.applier import split_member_name
+    from csi_oci.unpack.paths import split_member_name
 
     return "/".join(split_member_name(raw, where))
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import zstandard
 
-from csi_oci.digest import parse_digest
 from csi_oci.errors import IntegrityError, InvalidLayer
 from csi_oci.lazy.estargz import (
     TOC_DIGEST_ANNOTATION,
@@ -45,7 +44,8 @@ from csi_oci.lazy.toc import (
     iter_toc_entries,
     normalize_name,
 )
-from csi_oci.streams import MAX_ZSTD_WINDOW
+from csi_oci.spec.digest import parse_digest
+from csi_oci.stream.inflate import MAX_ZSTD_WINDOW
 
 PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
 SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"

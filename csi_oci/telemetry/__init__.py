@@ -1,0 +1,3 @@
+"""Telemetry: Prometheus instruments, the lazy servers' stats files, /metrics and
+/healthz, and log formatting.
+"""
