@@ -346,7 +346,7 @@ def _cli_volume_id(target: Path) -> str:
 
 
 def _status(parts: NodeParts) -> dict[str, object]:
-    refcounts = parts.volumes.refcounts()
+    refcounts = parts.volumes.records.refcounts()
     images = [
         {
             "digest": rec.digest,
@@ -365,7 +365,7 @@ def _status(parts: NodeParts) -> dict[str, object]:
             "digest": r.image_digest,
             "state": r.state,
         }
-        for r in parts.volumes.all_records()
+        for r in parts.volumes.records.all()
     ]
     return {"state_dir": str(parts.store.root), "images": images, "volumes": volumes}
 
@@ -407,7 +407,7 @@ def _run(args: argparse.Namespace) -> int:
         print(parts.store.tree(key))
         return 0
     if args.command == "ls":
-        refcounts = parts.volumes.refcounts()
+        refcounts = parts.volumes.records.refcounts()
         for rec in parts.store.list_images():
             used = refcounts.get(rec.key or rec.digest, 0)
             print(f"{rec.summary()}, {used} volume{'s' if used != 1 else ''}")
@@ -424,9 +424,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"mounted {spec.reference} ({digest}) read-only at {target}")
         return 0
     if args.command == "gc":
-        before = parts.store.usage().total
-        freed = parts.store.gc(parts.volumes.in_use(), everything=args.all)
-        after = parts.store.usage().total
+        before = parts.store.space.usage().total
+        freed = parts.store.space.gc(parts.volumes.records.in_use(), everything=args.all)
+        after = parts.store.space.usage().total
         print(f"freed {freed} bytes; the store holds {after} bytes (was {before})")
         return 0
     if args.command == "status":

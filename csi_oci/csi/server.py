@@ -221,7 +221,7 @@ def _start_metrics(
     if parts is not None:
         checks.append(telemetry_endpoint.state_dir_check(parts.store))
         node = telemetry_endpoint.NodeCollector(
-            parts.store, parts.volumes, image_labels=opts.metrics_image_labels
+            parts.store, parts.volumes.records, image_labels=opts.metrics_image_labels
         )
     try:
         metrics_server = telemetry_endpoint.MetricsServer(opts.metrics_address, checks, node)

@@ -35,8 +35,10 @@ from pathlib import Path
 
 from csi_oci.errors import CsiOciError
 from csi_oci.publish import mounts
+from csi_oci.publish.binds import rebind_lazy
 from csi_oci.publish.lazy_mounts import LazyMounts
-from csi_oci.publish.volumes import VolumeManager
+from csi_oci.publish.locks import TargetLocks
+from csi_oci.publish.records import VolumeRecords
 from csi_oci.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,9 @@ class _Failure:
 
 
 class LazyServer:
-    def __init__(self, volumes: VolumeManager, lazy: LazyMounts) -> None:
-        self.volumes = volumes
+    def __init__(self, records: VolumeRecords, locks: TargetLocks, lazy: LazyMounts) -> None:
+        self.records = records
+        self.locks = locks
         self.lazy = lazy
         self._failures: dict[str, _Failure] = {}
 
@@ -72,7 +75,7 @@ class LazyServer:
                 continue
             self._failures.pop(digest, None)
             started += 1
-            rebound = self.volumes.rebind_lazy(digest, mnt)
+            rebound = rebind_lazy(self.records, self.locks, digest, mnt)
             if rebound:
                 log.info("%s: %d volume(s) bound again", digest, rebound)
         self._unmount_orphans()
@@ -136,9 +139,10 @@ def serve_lazy(state_dir: Path, registry_config: Path | None, runtime_dir: Path 
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # taken by sigwait below only
     store = Store(state_dir)
     lazy = LazyMounts(store, registry_config, runtime_dir=runtime_dir)
-    volumes = VolumeManager(store, None, publish_wait=LOCK_WAIT_SECONDS, lazy=lazy)
+    records = VolumeRecords(store.root / "volumes")
+    locks = TargetLocks(records.dir / "locks", LOCK_WAIT_SECONDS)
     stop = threading.Event()
-    loop = threading.Thread(target=LazyServer(volumes, lazy).run, args=(stop,), name="lazy")
+    loop = threading.Thread(target=LazyServer(records, locks, lazy).run, args=(stop,), name="lazy")
     loop.start()
     signum = signal.sigwait(signals)
     log.info("received %s: stopping (FUSE servers keep serving)", signal.Signals(signum).name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,3 +91,44 @@ class PullJob:
             raise self.error
         assert self.tree is not None
         return self.tree
+
+
+class PullJobs:
+    """Single flight: at most one running job per tree key, joined by every caller."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, PullJob] = {}
+        self._lock = threading.Lock()
+
+    def join_or_start(
+        self,
+        key: str,
+        reference: str,
+        *,
+        finished_is_answer: Callable[[], bool],
+        start: Callable[[PullJob], None],
+    ) -> PullJob:
+        """The running job for `key`, else a new one handed to `start`.
+
+        A finished job is the answer only when `finished_is_answer()` (its
+        tree is still in the store): the caller looked for the tree just
+        before that job committed it, and without this, publishes at once
+        could pull the image twice. A failure is never replayed: the retry
+        must look at the registry again (the blob may have been fixed), and
+        an evicted tree is pulled again.
+        """
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.done.is_set():
+                if job.error is None and finished_is_answer():
+                    return job
+                job = None
+            if job is None:
+                job = PullJob(key, reference)
+                self._jobs[key] = job
+                start(job)
+            return job
+
+    def active(self) -> list[PullJob]:
+        with self._lock:
+            return [j for j in self._jobs.values() if not j.done.is_set()]

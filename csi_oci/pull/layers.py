@@ -31,7 +31,8 @@ from csi_oci.storage.store import Store
 from csi_oci.stream.inflate import Compression, decompressor
 from csi_oci.stream.readahead import ReadAhead
 from csi_oci.stream.verify import CHUNK, Chunk, Readable, ReadableInto, VerifyingReader
-from csi_oci.unpack.applier import LayerApplier
+from csi_oci.unpack.applier import LayerApplier, Policy
+from csi_oci.unpack.budget import Budget
 
 log = logging.getLogger(__name__)
 
@@ -273,3 +274,25 @@ class _CountingReader:
         n: int = cast(ReadableInto, self._source).readinto(buf)
         self._on_bytes(n)
         return n
+
+
+def apply_image_layers(
+    store: Store,
+    job: PullJob,
+    client: RegistryClient,
+    layers: tuple[LayerPlan, ...],
+    rootfs: Path,
+    budget: Budget,
+    select: Callable[[str], bool] | None,
+) -> None:
+    pipeline = _LayerPipeline(store, job, client, layers)
+    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    applier = LayerApplier(root_fd, budget=budget, policy=Policy(image=True, select=select))
+    try:
+        for index, lp in enumerate(layers):
+            what = f"layer {index + 1}/{len(layers)} ({lp.desc.digest})"
+            with pipeline.open_layer(index) as (source, verified):
+                _apply_tar(applier, lp, source, verified, what)
+    finally:
+        pipeline.close()
+        os.close(root_fd)

@@ -29,17 +29,17 @@ SPACE_ADVICE = (
 def _space_facts(store: Store) -> str:
     """The numbers behind a full cache, with the flags that set them."""
     budget = (
-        f"cache budget {store.max_bytes} bytes (--cache-max-bytes)"
-        if store.max_bytes
+        f"cache budget {store.space.max_bytes} bytes (--cache-max-bytes)"
+        if store.space.max_bytes
         else "no --cache-max-bytes budget"
     )
     try:
-        used, free = human(store.usage().total), human(store.free_bytes())
+        used, free = human(store.space.usage().total), human(store.space.free_bytes())
     except OSError:
         used = free = "unknown"
     return (
         f"({budget}, {used} in the cache, {free} free on disk, free-space floor "
-        f"{store.min_free_bytes} bytes (--cache-min-free-bytes))"
+        f"{store.space.min_free_bytes} bytes (--cache-min-free-bytes))"
     )
 
 

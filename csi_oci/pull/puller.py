@@ -22,54 +22,38 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from csi_oci.errors import (
-    CsiOciError,
     FailedPrecondition,
     IntegrityError,
-    InvalidLayer,
-    NotFound,
-    OutOfSpace,
-    PullCancelled,
 )
 from csi_oci.faults import crash_point
 from csi_oci.oci.config import ConfigSource
 from csi_oci.oci.manifest import (
-    INDEX_TYPES,
     MAX_CONFIG_BYTES,
-    parse_index,
-    parse_manifest,
-    select_platform,
 )
-from csi_oci.oci.packaging import Kind, LayerPlan, Plan, plan_for
+from csi_oci.oci.packaging import Kind, plan_for
 from csi_oci.oci.registry import CredentialLookup, RegistryClient
-from csi_oci.pull.jobs import PullJob, human
+from csi_oci.pull.artifact import ArtifactLayers
+from csi_oci.pull.jobs import PullJob, PullJobs
 from csi_oci.pull.layers import (
-    DOWNLOAD_WORKERS,
-    _apply_tar,
-    _CountingReader,
-    _LayerPipeline,
     _may_match,
+    apply_image_layers,
 )
-from csi_oci.pull.messages import SPACE_ADVICE, _as_pull_error, _most_telling, _space_facts
-from csi_oci.pull.resolve import ResolvedImage, _no_platform_message, _not_found
+from csi_oci.pull.messages import _as_pull_error
+from csi_oci.pull.resolve import ResolvedImage, Resolver
+from csi_oci.pull.room import limits_for, room_for
 from csi_oci.spec.attributes import Platform, PullPolicy, include_matcher
 from csi_oci.spec.reference import Reference
-from csi_oci.storage.records import ImageRecord, blob_pin, tree_key
+from csi_oci.storage.records import ImageRecord
 from csi_oci.storage.store import Store
-from csi_oci.stream.readahead import ReadAhead
-from csi_oci.stream.verify import VerifyingReader
 from csi_oci.telemetry import instruments
-from csi_oci.unpack.applier import LayerApplier, Policy
-from csi_oci.unpack.budget import ENTRY_DISK_BYTES, Budget, DiskBudget, Limits
-from csi_oci.unpack.paths import resolve_dir
+from csi_oci.unpack.budget import ENTRY_DISK_BYTES, Budget, Limits
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +65,9 @@ RAW_READ_SIZE = 256 << 10  # per read of a raw blob: small enough to stay in the
 
 
 class Puller:
+    """Resolve (Resolver), then one background job per tree (PullJobs) that fetches,
+    verifies and applies its layers (pull.layers, pull.artifact) and commits it."""
+
     def __init__(
         self,
         store: Store,
@@ -99,12 +86,10 @@ class Puller:
         # tar+zstd publish on 2 cores).
         self.verify_diff_ids = verify_diff_ids
         self.registries = registries or ConfigSource(None)
-        # Trees that volumes use (set by the VolumeManager): never evicted.
+        self.resolver = Resolver(store, self.registries)
+        # Trees that volumes use (given by the VolumeManager): never evicted.
         self.in_use: Callable[[], set[str]] = set
-        self._jobs: dict[str, PullJob] = {}
-        self._lock = threading.Lock()
-
-    # -- resolution -------------------------------------------------------------
+        self._jobs = PullJobs()
 
     def resolve(
         self,
@@ -114,93 +99,43 @@ class Puller:
         credentials: CredentialLookup | None,
         include: tuple[str, ...] = (),
     ) -> ResolvedImage:
-        """Pin `ref` to a platform manifest digest, honouring the pull policy.
-
-        Never and IfNotPresent answer from the node's record of earlier
-        resolutions without touching the network when the tree is there.
-        """
-        key_ref, plat = str(ref), str(platform)
-        if policy is not PullPolicy.ALWAYS:
-            known = self.store.lookup_ref(key_ref, plat)
-            if known is not None and self.store.image(tree_key(known, include)) is not None:
-                return ResolvedImage(ref, known, None, None, include)
-            if policy is PullPolicy.NEVER:
-                what = f" with include={','.join(include)}" if include else ""
-                raise FailedPrecondition(
-                    f"image {ref} ({plat}){what} is not present on this node "
-                    "and pullPolicy is Never; use pullPolicy IfNotPresent, or pull it onto "
-                    "the node first (csi-oci pull)"
-                )
-        client = RegistryClient(ref, credentials, config=self.registries.current())
-        try:
-            top = client.get_manifest(ref.manifest_key)
-        except NotFound as exc:
-            error = _not_found(ref, client, exc)
-            instruments.count_pull_error(error)
-            raise error from None
-        except CsiOciError as exc:
-            instruments.count_pull_error(exc)
-            raise
-        fetched = top
-        try:
-            if top.media_type in INDEX_TYPES:
-                entries = parse_index(top.data)
-                try:
-                    chosen = select_platform(entries, platform)
-                except NotFound:
-                    raise NotFound(_no_platform_message(ref, platform, entries)) from None
-                fetched = client.get_manifest(chosen.digest)
-                if fetched.media_type in INDEX_TYPES:
-                    raise IntegrityError(f"index entry {chosen.digest} of {ref} is itself an index")
-            manifest = parse_manifest(fetched.data, fetched.media_type)
-            if policy is PullPolicy.ALWAYS and top.from_mirror and fetched.from_mirror:
-                # The pod's own access, at the registry: for what the pod asked for (a
-                # tag a trusted mirror resolved may name bytes only the mirror has).
-                client.check_access(ref.manifest_key)
-        except CsiOciError as exc:
-            instruments.count_pull_error(exc)
-            raise
-        log.info("resolved %s (%s) to %s (top-level %s)", ref, plat, fetched.digest, top.digest)
-        return ResolvedImage(ref, fetched.digest, manifest, client, include)
+        """Pin `ref` to a platform manifest digest (see Resolver.resolve)."""
+        return self.resolver.resolve(ref, platform, policy, credentials, include)
 
     # -- pulling ------------------------------------------------------------------
 
     def ensure(self, resolved: ResolvedImage, platform: Platform, wait: float | None) -> Path:
         """The tree, pulling it if needed; waits at most `wait` seconds."""
         if self.store.image(resolved.key) is not None:
-            self.store.remember_ref(str(resolved.reference), str(platform), resolved.digest)
+            self.store.tags.remember(str(resolved.reference), str(platform), resolved.digest)
             return self.store.tree(resolved.key)
         return self.job_for(resolved, platform).wait(wait)
 
     def job_for(self, resolved: ResolvedImage, platform: Platform) -> PullJob:
-        with self._lock:
-            job = self._jobs.get(resolved.key)
-            if job is not None and job.done.is_set():
-                # A success whose tree is still in the store is the answer: the
-                # caller looked for the tree just before that job committed it
-                # (without this, publishes at once could pull the image twice).
-                # A failure is never replayed: the retry must look at the
-                # registry again (the blob may have been fixed). An evicted
-                # tree is pulled again.
-                if job.error is None and self.store.image(resolved.key) is not None:
-                    return job
-                job = None
-            if job is None:
-                if resolved.manifest is None or resolved.client is None:
-                    raise FailedPrecondition(f"image {resolved.key} vanished from the store")
-                job = PullJob(resolved.key, str(resolved.reference))
-                self._jobs[resolved.key] = job
-                threading.Thread(
-                    target=self._run,
-                    args=(job, resolved, platform),
-                    name=f"pull-{resolved.digest[7:19]}",
-                    daemon=True,
-                ).start()
-            return job
+        """The job pulling this tree: the running one, or a new one in its own thread."""
+        if resolved.manifest is None or resolved.client is None:
+            if self.store.image(resolved.key) is None:
+                raise FailedPrecondition(f"image {resolved.key} vanished from the store")
+
+        def start(job: PullJob) -> None:
+            if resolved.manifest is None or resolved.client is None:
+                raise FailedPrecondition(f"image {resolved.key} vanished from the store")
+            threading.Thread(
+                target=self._run,
+                args=(job, resolved, platform),
+                name=f"pull-{resolved.digest[7:19]}",
+                daemon=True,
+            ).start()
+
+        return self._jobs.join_or_start(
+            resolved.key,
+            str(resolved.reference),
+            finished_is_answer=lambda: self.store.image(resolved.key) is not None,
+            start=start,
+        )
 
     def active_jobs(self) -> list[PullJob]:
-        with self._lock:
-            return [j for j in self._jobs.values() if not j.done.is_set()]
+        return self._jobs.active()
 
     def _run(self, job: PullJob, resolved: ResolvedImage, platform: Platform) -> None:
         started = time.monotonic()
@@ -208,7 +143,7 @@ class Puller:
         instruments.PULLS_IN_PROGRESS.inc()
         try:
             job.tree, record = self._pull(job, resolved)
-            self.store.remember_ref(str(resolved.reference), str(platform), resolved.digest)
+            self.store.tags.remember(str(resolved.reference), str(platform), resolved.digest)
             outcome = "succeeded"
             log.info("pulled %s in %.2fs", record.summary(), time.monotonic() - started)
         except BaseException as exc:
@@ -266,17 +201,16 @@ class Puller:
             layers = tuple(replace(lp, diff_id=None) for lp in layers)
         job.progress.total = sum(lp.desc.size for lp in layers)
         job.progress.phase = "pulling"
-        disk = self._make_room(resolved, layers)
-        budget = Budget(self._limits_for(layers), parent=disk)
+        disk = room_for(self.store, resolved.reference, layers, self.in_use)
+        budget = Budget(limits_for(self.limits, layers), parent=disk)
         staging = self.store.new_staging()
         try:
             rootfs = staging / "rootfs"
             if plan.sequential:
-                self._apply_image(job, client, layers, rootfs, budget, select)
+                apply_image_layers(self.store, job, client, layers, rootfs, budget, select)
             else:
-                self._apply_artifact(
-                    job, client, replace(plan, layers=layers), rootfs, budget, select
-                )
+                artifact = ArtifactLayers(self.store, job, client)
+                artifact.apply(replace(plan, layers=layers), rootfs, budget, select)
             files, nbytes, own = _count_tree(rootfs, self.store.blobs)
             record = ImageRecord(
                 digest=resolved.digest,
@@ -304,200 +238,6 @@ class Puller:
                     with contextlib.suppress(OSError):
                         self.store.blob_path(lp.desc.digest).unlink()
         return tree, record
-
-    def _make_room(self, resolved: ResolvedImage, layers: tuple[LayerPlan, ...]) -> DiskBudget:
-        """The cache's room for this pull; unused images are evicted only as bytes land.
-
-        Sizes in a manifest are claims: a pull whose declared sizes can never
-        fit is refused before anything is evicted, and otherwise eviction
-        waits for bytes that actually arrive (DiskBudget), so a descriptor
-        that claims 90% of the cache for a 5-byte blob evicts nothing.
-        """
-        declared = [lp.declared_bytes for lp in layers]
-        store = self.store
-        if declared and all(d is not None for d in declared):
-            estimate = sum(d or 0 for d in declared)
-            best = store.best_room(self.in_use())
-            if estimate > best:
-                raise OutOfSpace(
-                    f"not enough space for image {resolved.reference}: it needs {estimate} "
-                    f"bytes ({human(estimate)}) but the node has room for {human(best)} "
-                    f"{_space_facts(store)} even with every unused image evicted; "
-                    f"{SPACE_ADVICE}",
-                    kind=OutOfSpace.CACHE_FULL,
-                )
-
-        def make_room(short: int) -> int:
-            return store.evict_for(short, self.in_use())
-
-        return DiskBudget(store.room(), make_room)
-
-    def _limits_for(self, layers: tuple[LayerPlan, ...]) -> Limits:
-        """The byte budget: what the producer declared when every layer did."""
-        declared = [lp.declared_bytes for lp in layers]
-        if declared and all(d is not None for d in declared):
-            total = sum(d for d in declared if d is not None)
-            return replace(self.limits, max_bytes=min(self.limits.max_bytes, total))
-        return self.limits
-
-    # -- images: ordered layers ------------------------------------------------------
-
-    def _apply_image(
-        self,
-        job: PullJob,
-        client: RegistryClient,
-        layers: tuple[LayerPlan, ...],
-        rootfs: Path,
-        budget: Budget,
-        select: Callable[[str], bool] | None,
-    ) -> None:
-        pipeline = _LayerPipeline(self.store, job, client, layers)
-        root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        applier = LayerApplier(root_fd, budget=budget, policy=Policy(image=True, select=select))
-        try:
-            for index, lp in enumerate(layers):
-                what = f"layer {index + 1}/{len(layers)} ({lp.desc.digest})"
-                with pipeline.open_layer(index) as (source, verified):
-                    _apply_tar(applier, lp, source, verified, what)
-        finally:
-            pipeline.close()
-            os.close(root_fd)
-
-    # -- artifacts: independent layers, in parallel -------------------------------------
-
-    def _apply_artifact(
-        self,
-        job: PullJob,
-        client: RegistryClient,
-        plan: Plan,
-        rootfs: Path,
-        budget: Budget,
-        select: Callable[[str], bool] | None,
-    ) -> None:
-        root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        claimed: dict[str, str] = {}
-        claim_lock = threading.Lock()
-        cancel = threading.Event()
-
-        def one(index: int, lp: LayerPlan) -> None:
-            what = f"layer {index + 1}/{len(plan.layers)} ({lp.desc.digest})"
-            if cancel.is_set():
-                return
-            if lp.kind == Kind.RAW_FILE:
-                assert lp.path is not None
-                with claim_lock:
-                    previous = claimed.setdefault(lp.path, what)
-                if previous != what:
-                    raise InvalidLayer(f"{what}: duplicate path {lp.path!r}, also in {previous}")
-                budget.charge(1, 0, f"{what}: {lp.path!r}")
-                with self.store.pinned(blob_pin(lp.desc.digest)):  # not evicted before linked
-                    blob = self._raw_blob(job, client, lp, what, cancel, budget)
-                    _link_into(root_fd, lp.path, blob, what, budget)
-                return
-            under = tuple(lp.path.split("/")) if lp.path else ()
-            layer_budget = budget
-            if lp.declared_bytes is not None:
-                layer_budget = Budget(Limits(max_bytes=lp.declared_bytes), parent=budget)
-            policy = Policy(
-                image=False, select=select, under=under, claimed=claimed, claim_lock=claim_lock
-            )
-            applier = LayerApplier(root_fd, budget=layer_budget, policy=policy)
-            stream = client.blob_stream(lp.desc, what)
-            try:
-                _apply_tar(
-                    applier, lp, _CountingReader(stream, job.progress.add, cancel), False, what
-                )
-            finally:
-                stream.close()
-
-        try:
-            with ThreadPoolExecutor(
-                max_workers=DOWNLOAD_WORKERS, thread_name_prefix="layer"
-            ) as pool:
-                futures = [pool.submit(one, i, lp) for i, lp in enumerate(plan.layers)]
-                errors = []
-                for fut in futures:
-                    try:
-                        fut.result()
-                    except BaseException as exc:
-                        cancel.set()
-                        errors.append(exc)
-            if errors:
-                raise _most_telling(errors)
-        finally:
-            os.close(root_fd)
-
-    def _raw_blob(
-        self,
-        job: PullJob,
-        client: RegistryClient,
-        lp: LayerPlan,
-        what: str,
-        cancel: threading.Event,
-        budget: Budget,
-    ) -> Path:
-        """The verified blob in the shared blob store, downloading it if needed.
-
-        The budget is charged as bytes arrive, not for the size the descriptor
-        claims before the first byte (finding 3 of issue 14).
-        """
-        final = self.store.blob_path(lp.desc.digest)
-        if final.exists():
-            job.progress.add(lp.desc.size)
-            return final
-        fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".partial", dir=final.parent)
-        try:
-            # No posix_fallocate: on ext4 preallocated extents must be converted
-            # at writeback, which on a 4 GiB pull cost more than the download
-            # (hack/bench); the budget is charged chunk by chunk instead.
-            stream = client.blob_stream(lp.desc, what)
-            # Receiving and hashing on one thread, writing on this one.
-            reader = ReadAhead(
-                VerifyingReader(stream, lp.desc.digest, lp.desc.size, what, job.progress.add),
-                "raw-fetch",
-                chunk=RAW_READ_SIZE,
-                recycle=True,
-            )
-            try:
-                while data := reader.read():
-                    if cancel.is_set():
-                        raise PullCancelled("pull cancelled: another layer failed")
-                    budget.charge(0, len(data), f"{what}: {lp.path!r}")
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-            finally:
-                stream.close()
-                reader.close()
-            os.fchmod(fd, RAW_FILE_MODE)
-            os.close(fd)
-            fd = -1
-            self.store.commit_blob(Path(tmp), lp.desc.digest, flush=False)
-            crash_point("after-download")
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return final
-
-
-def _link_into(root_fd: int, path: str, blob: Path, what: str, budget: Budget) -> None:
-    """Hard-link a stored blob at `path` in the tree (in-root resolution)."""
-    parts = path.split("/")
-
-    def new_dir() -> None:
-        budget.charge(1, 0, f"{what}: directory of {path!r}")
-
-    parent = resolve_dir(root_fd, parts[:-1], create=True, on_create=new_dir)
-    assert parent is not None
-    try:
-        os.link(blob, parts[-1], dst_dir_fd=parent, follow_symlinks=False)
-    except FileExistsError:
-        raise InvalidLayer(f"{what}: path {path!r} is already taken by another layer") from None
-    finally:
-        os.close(parent)
 
 
 def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int]:

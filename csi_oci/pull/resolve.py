@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from csi_oci.errors import (
     CsiOciError,
+    FailedPrecondition,
+    IntegrityError,
     NotFound,
 )
-from csi_oci.oci.manifest import Descriptor, ImageManifest
-from csi_oci.oci.registry import RegistryClient
-from csi_oci.spec.attributes import Platform
+from csi_oci.oci.config import ConfigSource
+from csi_oci.oci.manifest import (
+    INDEX_TYPES,
+    Descriptor,
+    ImageManifest,
+    parse_index,
+    parse_manifest,
+    select_platform,
+)
+from csi_oci.oci.registry import CredentialLookup, RegistryClient
+from csi_oci.spec.attributes import Platform, PullPolicy
 from csi_oci.spec.reference import Reference
 from csi_oci.storage.records import tree_key
+from csi_oci.storage.store import Store
+from csi_oci.telemetry import instruments
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,3 +96,69 @@ def _no_platform_message(ref: Reference, want: Platform, entries: list[Descripto
         f"platform); available platforms: {', '.join(offered) or 'none'}; set the volume's "
         "platform attribute to one of them or push the image for this platform"
     )
+
+
+class Resolver:
+    """Pins references to platform manifests: from the node's tag records when the
+    pull policy allows, else from the registry (and its mirrors, for digests)."""
+
+    def __init__(self, store: Store, registries: ConfigSource) -> None:
+        self.store = store
+        self.registries = registries
+
+    def resolve(
+        self,
+        ref: Reference,
+        platform: Platform,
+        policy: PullPolicy,
+        credentials: CredentialLookup | None,
+        include: tuple[str, ...] = (),
+    ) -> ResolvedImage:
+        """Pin `ref` to a platform manifest digest, honouring the pull policy.
+
+        Never and IfNotPresent answer from the node's record of earlier
+        resolutions without touching the network when the tree is there.
+        """
+        key_ref, plat = str(ref), str(platform)
+        if policy is not PullPolicy.ALWAYS:
+            known = self.store.tags.lookup(key_ref, plat)
+            if known is not None and self.store.image(tree_key(known, include)) is not None:
+                return ResolvedImage(ref, known, None, None, include)
+            if policy is PullPolicy.NEVER:
+                what = f" with include={','.join(include)}" if include else ""
+                raise FailedPrecondition(
+                    f"image {ref} ({plat}){what} is not present on this node "
+                    "and pullPolicy is Never; use pullPolicy IfNotPresent, or pull it onto "
+                    "the node first (csi-oci pull)"
+                )
+        client = RegistryClient(ref, credentials, config=self.registries.current())
+        try:
+            top = client.get_manifest(ref.manifest_key)
+        except NotFound as exc:
+            error = _not_found(ref, client, exc)
+            instruments.count_pull_error(error)
+            raise error from None
+        except CsiOciError as exc:
+            instruments.count_pull_error(exc)
+            raise
+        fetched = top
+        try:
+            if top.media_type in INDEX_TYPES:
+                entries = parse_index(top.data)
+                try:
+                    chosen = select_platform(entries, platform)
+                except NotFound:
+                    raise NotFound(_no_platform_message(ref, platform, entries)) from None
+                fetched = client.get_manifest(chosen.digest)
+                if fetched.media_type in INDEX_TYPES:
+                    raise IntegrityError(f"index entry {chosen.digest} of {ref} is itself an index")
+            manifest = parse_manifest(fetched.data, fetched.media_type)
+            if policy is PullPolicy.ALWAYS and top.from_mirror and fetched.from_mirror:
+                # The pod's own access, at the registry: for what the pod asked for (a
+                # tag a trusted mirror resolved may name bytes only the mirror has).
+                client.check_access(ref.manifest_key)
+        except CsiOciError as exc:
+            instruments.count_pull_error(exc)
+            raise
+        log.info("resolved %s (%s) to %s (top-level %s)", ref, plat, fetched.digest, top.digest)
+        return ResolvedImage(ref, fetched.digest, manifest, client, include)

@@ -4,9 +4,10 @@ Layout (everything below `--state-dir`):
 
     images/sha256/<manifest hex>/rootfs/   the unpacked tree, shared by all volumes
     images/sha256/<manifest hex>/image.json  what it is: reference, layers, sizes
-    refs/<sha256 of "ref|platform">.json   last resolution of a tag, for IfNotPresent/Never
+    refs/<sha256 of "ref|platform">.json   last resolution of a tag (storage.tags)
     blobs/sha256/<hex>                     verified layer blobs spooled during a pull
     staging/<random>/                      trees being built; never visible elsewhere
+    trash/                                 failed or evicted trees, deleted in the background
     volumes/                               published-volume records (see volumes.py)
 
 A tree becomes visible only by an atomic rename of a finished, synced
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import queue
@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,18 +32,16 @@ from csi_oci.errors import CsiOciError, FailedPrecondition
 from csi_oci.spec.reference import validate_digest
 from csi_oci.storage.atomic import read_json, write_json_atomic
 from csi_oci.storage.durability import Durability
-from csi_oci.storage.records import ImageRecord, Usage, blob_pin
-from csi_oci.telemetry import instruments
+from csi_oci.storage.records import ImageRecord
+from csi_oci.storage.space import CacheSpace
+from csi_oci.storage.tags import TagRecords
 
 log = logging.getLogger(__name__)
 
 
-def _eviction_kind(label: str) -> str:
-    """The metric's `kind` label from a candidate's label ("tree …", "blob …", "lazy piece …")."""
-    return "lazy_piece" if label.startswith("lazy piece") else label.partition(" ")[0]
-
-
 class Store:
+    """Trees and blobs under the state dir; `tags` and `space` are its two helpers."""
+
     def __init__(
         self, state_dir: Path, *, max_bytes: int | None = None, min_free_bytes: int = 0
     ) -> None:
@@ -55,161 +52,17 @@ class Store:
         self.staging = self.root / "staging"
         self.durable = Durability(self.root / "pending-sync")
         self.chunks = self.root / "lazy" / "chunks"  # verified lazy pieces (lazymount)
-        self.max_bytes = max_bytes  # --cache-max-bytes; None: no budget
-        self.min_free_bytes = min_free_bytes  # --cache-min-free-bytes: a floor for the disk
-        self.gc_lock = threading.Lock()
-        self.evict_lock = threading.Lock()  # one eviction at a time (parallel pulls)
         self.trash = self.root / "trash"  # failed pulls' trees, being deleted
         self._trash_queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self._trash_lock = threading.Lock()
         self._trash_thread: threading.Thread | None = None
-        self._pinned: dict[str, int] = {}  # trees a publish is about to mount
-
-    # -- budget and garbage collection -----------------------------------------------
-
-    @contextlib.contextmanager
-    def pinned(self, key: str) -> Iterator[None]:
-        """Keep a tree from eviction between finding it and recording its volume."""
-        with self.gc_lock:
-            self._pinned[key] = self._pinned.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            with self.gc_lock:
-                self._pinned[key] -= 1
-                if not self._pinned[key]:
-                    del self._pinned[key]
+        self.tags = TagRecords(self.refs)
+        self.space = CacheSpace(self, max_bytes=max_bytes, min_free_bytes=min_free_bytes)
 
     def touch(self, key: str) -> None:
         """Mark a tree as just used (eviction is least recently used first)."""
         with contextlib.suppress(OSError, ValueError):
-            os.utime(self._image_dir(key) / "image.json")
-
-    def usage(self) -> Usage:
-        trees = sum(rec.own_bytes for rec in self.list_images())
-        blobs = 0
-        for directory in (self.blobs, self.chunks):
-            for entry in directory.iterdir() if directory.is_dir() else []:
-                with contextlib.suppress(OSError):
-                    blobs += entry.lstat().st_size
-        return Usage(trees, blobs)
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-
-    def _headroom(self) -> int:
-        """Bytes a new pull may add now (negative: over budget or below the floor)."""
-        limits = [self.free_bytes() - self.min_free_bytes]
-        if self.max_bytes is not None:
-            limits.append(self.max_bytes - self.usage().total)
-        return min(limits)
-
-    def room(self) -> int:
-        return max(0, self._headroom())
-
-    def best_room(self, in_use: set[str]) -> int:
-        """Room there would be after evicting everything evictable."""
-        evictable = sum(nbytes for _t, _l, _p, nbytes in self._candidates(in_use))
-        limits = [self.free_bytes() + evictable - self.min_free_bytes]
-        if self.max_bytes is not None:
-            limits.append(self.max_bytes - (self.usage().total - evictable))
-        return max(0, min(limits))
-
-    def _candidates(self, in_use: set[str]) -> list[tuple[float, str, Path, int]]:
-        """Evictable items, least recently used first: (time, label, path, bytes)."""
-        out = []
-        with self.gc_lock:
-            busy = set(in_use) | set(self._pinned)
-        for rec in self.list_images():
-            key = rec.key or rec.digest
-            if key in busy:
-                continue
-            with contextlib.suppress(OSError):
-                used = (self._image_dir(key) / "image.json").stat().st_mtime
-                out.append(
-                    (used, f"tree {rec.reference} ({key})", self._image_dir(key), rec.own_bytes)
-                )
-        for entry in self.blobs.iterdir() if self.blobs.is_dir() else []:
-            if entry.name.endswith(".partial") or blob_pin(f"sha256:{entry.name}") in busy:
-                continue
-            with contextlib.suppress(OSError):
-                st = entry.lstat()
-                if st.st_nlink == 1:  # linked into no tree: a cached download
-                    out.append((st.st_mtime, f"blob {entry.name}", entry, st.st_size))
-        for entry in self.chunks.iterdir() if self.chunks.is_dir() else []:
-            with contextlib.suppress(OSError):  # lazy pieces: fetched again when needed
-                st = entry.lstat()
-                out.append((st.st_mtime, f"lazy piece {entry.name}", entry, st.st_size))
-        out.sort(key=lambda item: item[0])
-        return out
-
-    def evict(self, needed: int, in_use: set[str]) -> int:
-        """Free space for `needed` more bytes, LRU first, never what is in use.
-
-        Trees whose raw files are hard links keep those blobs alive; removing
-        such a tree turns them into unlinked blobs, evictable in turn.
-        """
-        freed = 0
-        for _ in range(3):  # a removed tree can make its blobs evictable
-            headroom = self._headroom()  # one walk of the store per pass, not per item
-            progress = False
-            for _used, label, path, nbytes in self._candidates(in_use):
-                if headroom >= needed:
-                    return freed
-                log.info("evicting %s (%d bytes)", label, nbytes)
-                self._remove(path)
-                instruments.count_eviction(_eviction_kind(label), nbytes)
-                freed += nbytes
-                headroom += nbytes
-                progress = True
-            if not progress:
-                break
-        return freed
-
-    def evict_for(self, extra: int, in_use: set[str]) -> int:
-        """Evict unused items, least recently used first, until `extra` bytes are freed.
-
-        For a pull whose bytes have landed and need room (applier.DiskBudget);
-        returns the bytes freed, which may be less when nothing else is unused.
-        """
-        freed = 0
-        with self.evict_lock:
-            for _ in range(3):  # a removed tree can make its blobs evictable
-                progress = False
-                for _used, label, path, nbytes in self._candidates(in_use):
-                    if freed >= extra:
-                        return freed
-                    log.info("evicting %s (%d bytes) to make room for a pull", label, nbytes)
-                    self._remove(path)
-                    instruments.count_eviction(_eviction_kind(label), nbytes)
-                    freed += nbytes
-                    progress = True
-                if not progress or freed >= extra:
-                    break
-        return freed
-
-    def gc(self, in_use: set[str], *, everything: bool = False) -> int:
-        """`csi-oci gc`: back under the budget (or remove all that is unused)."""
-        if everything:
-            freed = 0
-            for _ in range(2):
-                for _used, label, path, nbytes in self._candidates(in_use):
-                    log.info("removing %s (%d bytes)", label, nbytes)
-                    self._remove(path)
-                    instruments.count_eviction(_eviction_kind(label), nbytes)
-                    freed += nbytes
-            return freed
-        return self.evict(0, in_use)
-
-    def _remove(self, path: Path) -> None:
-        if path.is_dir():
-            # Out of sight first (atomic), then delete at leisure.
-            hidden = Path(tempfile.mkdtemp(prefix="evict-", dir=self.staging))
-            os.rename(path, hidden / "tree")
-            shutil.rmtree(hidden, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+            os.utime(self.image_dir(key) / "image.json")
 
     def lock(self, *, wait: bool) -> int:
         """Take the state dir's owner lock (held until the process exits).
@@ -266,7 +119,7 @@ class Store:
 
     # -- images ---------------------------------------------------------------
 
-    def _image_dir(self, key: str) -> Path:
+    def image_dir(self, key: str) -> Path:
         digest, dot, suffix = key.partition(".")
         algo, _, hexpart = validate_digest(digest).partition(":")
         if algo != "sha256":
@@ -276,11 +129,11 @@ class Store:
         return self.images / (hexpart + dot + suffix)
 
     def tree(self, key: str) -> Path:
-        return self._image_dir(key) / "rootfs"
+        return self.image_dir(key) / "rootfs"
 
     def image(self, key: str) -> ImageRecord | None:
-        raw = read_json(self._image_dir(key) / "image.json")
-        if raw is None or not (self._image_dir(key) / "rootfs").is_dir():
+        raw = read_json(self.image_dir(key) / "image.json")
+        if raw is None or not (self.image_dir(key) / "rootfs").is_dir():
             return None
         try:
             return ImageRecord(**raw)
@@ -304,7 +157,7 @@ class Store:
         # No fsync of its own: the tree's pending-sync marker covers it.
         write_json_atomic(staging / "image.json", asdict(record), durable=False)
         os.chmod(staging, 0o755)
-        final = self._image_dir(record.key or record.digest)
+        final = self.image_dir(record.key or record.digest)
         self.durable.pending(f"image-{final.name}")
         try:
             os.rename(staging, final)
@@ -383,36 +236,6 @@ class Store:
             if rec is not None:
                 out.append(rec)
         return out
-
-    # -- tag resolutions --------------------------------------------------------
-
-    def _ref_path(self, reference: str, platform: str) -> Path:
-        key = hashlib.sha256(f"{reference}|{platform}".encode()).hexdigest()
-        return self.refs / f"{key}.json"
-
-    def remember_ref(self, reference: str, platform: str, digest: str) -> None:
-        """Record what `reference` resolved to (rewritten only when it changed).
-
-        Not fsynced: a record lost to a power loss means one more look at
-        the registry, and a cached publish should not wait on the journal.
-        """
-        if self.lookup_ref(reference, platform) == digest:
-            return
-        write_json_atomic(
-            self._ref_path(reference, platform),
-            {"reference": reference, "platform": platform, "digest": digest, "at": time.time()},
-            durable=False,
-        )
-
-    def lookup_ref(self, reference: str, platform: str) -> str | None:
-        """The digest this reference resolved to last time on this node, if known."""
-        raw = read_json(self._ref_path(reference, platform))
-        if not raw or raw.get("reference") != reference:
-            return None
-        try:
-            return validate_digest(str(raw.get("digest", "")))
-        except CsiOciError:
-            return None
 
     # -- spooled blobs ----------------------------------------------------------
 

@@ -106,6 +106,15 @@ class _Record(Protocol):
     def tree(self) -> str: ...
 
 
+class SpaceView(Protocol):
+    """What the endpoint reads of the cache's room (csi_oci.storage.space.CacheSpace)."""
+
+    @property
+    def max_bytes(self) -> int | None: ...
+    def usage(self) -> _Usage: ...
+    def free_bytes(self) -> int: ...
+
+
 class StoreView(Protocol):
     """What the endpoint reads of the node store (csi_oci.storage.store.Store).
 
@@ -116,18 +125,15 @@ class StoreView(Protocol):
     @property
     def root(self) -> Path: ...
     @property
-    def max_bytes(self) -> int | None: ...
-
-    def usage(self) -> _Usage: ...
+    def space(self) -> SpaceView: ...
     def list_images(self) -> Sequence[object]: ...
-    def free_bytes(self) -> int: ...
     def usable(self) -> bool: ...
 
 
 class VolumesView(Protocol):
-    """What the endpoint reads of the volume records (csi_oci.publish)."""
+    """What the endpoint reads of the volume records (csi_oci.publish.records)."""
 
-    def all_records(self) -> Iterable[_Record]: ...
+    def all(self) -> Iterable[_Record]: ...
 
 
 log = logging.getLogger(__name__)
@@ -322,16 +328,16 @@ class NodeCollector(Collector):
 
     def _read(self) -> _NodeNumbers:
         store = self._store
-        usage = store.usage()
+        usage = store.space.usage()
         published = {"unpack": 0, "lazy": 0}
-        for rec in self._volumes.all_records():
+        for rec in self._volumes.all():
             if rec.state == "published":
                 published["lazy" if rec.tree.startswith("lazy:") else "unpack"] += 1
         return _NodeNumbers(
             trees_bytes=usage.trees,
             blobs_bytes=usage.blobs,
             images=len(store.list_images()),
-            free_bytes=store.free_bytes(),
+            free_bytes=store.space.free_bytes(),
             published=published,
             lazy=read_lazy_stats(store.root / "lazy"),
         )
@@ -407,11 +413,11 @@ class NodeCollector(Collector):
                     self._refresh_locked()
         # Families are only read by the exposition: scrapes can share them.
         yield from self._families or ()
-        if self._store.max_bytes is not None:
+        if self._store.space.max_bytes is not None:
             yield GaugeMetricFamily(
                 "csi_oci_store_max_bytes",
                 "The cache budget (--cache-max-bytes)",
-                value=self._store.max_bytes,
+                value=self._store.space.max_bytes,
             )
 
     def describe(self) -> Iterable[Metric]:
