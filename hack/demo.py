@@ -18,7 +18,10 @@ What it does, all on this machine and in a few seconds:
 Needs root (NodePublishVolume bind-mounts) and what ``hack/install-deps demo``
 installs (docker-registry, fuse3, the venv with csi-oci).  Run it with the project's venv::
 
-    .venv/bin/python hack/demo.py [--keep] [--image-size-mib N]
+    .venv/bin/python -m hack.demo [--keep] [--image-size-mib N]
+
+from the repository root (hack/quickstart does): the registry, the image
+builders and the driver wrapper are the tests' own (``tests.support``).
 
 Exits 0 on success, 1 with a message saying what failed otherwise.
 """
@@ -45,16 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+import grpc
 
-# The registry and image builders are test support code: they live in
-# tests/support/ and are imported as the top-level package `support` (pytest
-# puts tests/ on sys.path the same way).  They are not part of the installed
-# csi_oci package, so tests/ has to go on sys.path before importing them.
-sys.path.insert(0, str(REPO / "tests"))
-
-import grpc  # noqa: E402
-from support.images import (  # noqa: E402
+from csi_oci.csi.v1 import csi_pb2
+from csi_oci.publish.mounts import mounts_at, read_mountinfo, unmount
+from csi_oci.spec.attributes import KEY_IMAGE, KEY_SUB_PATH, node_platform
+from tests.support.driver import MOUNT_CAP, Driver
+from tests.support.images import (
     MEDIA_TYPE_LAYER_GZIP,
     MEDIA_TYPE_LAYER_ZSTD,
     Dir,
@@ -63,12 +63,9 @@ from support.images import (  # noqa: E402
     Layer,
     sha256_digest,
 )
-from support.registry import ACCEPT_MANIFESTS, Registry, missing_tools  # noqa: E402
+from tests.support.registry import ACCEPT_MANIFESTS, Registry, missing_tools
 
-from csi_oci.attributes import KEY_IMAGE, KEY_SUB_PATH, node_platform  # noqa: E402
-from csi_oci.csi.v1 import csi_pb2, csi_pb2_grpc  # noqa: E402
-from csi_oci.mounts import mounts_at, read_mountinfo, unmount  # noqa: E402
-
+REPO = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "run hack/install-deps demo (as root) to install what the demo needs"
 REPO_NAME = "demo/tiny-model"
 TAG = "v1"
@@ -275,71 +272,30 @@ def push_over_http(registry: Registry, image: Image, repo: str, tag: str) -> str
 # -- processes -------------------------------------------------------------------------
 
 
-@dataclass
-class Driver:
-    proc: subprocess.Popen[bytes]
-    socket: Path
-    log_path: Path
-    cmd: list[str]
-
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
 def start_driver(tmp: Path) -> Driver:
+    """`csi-oci serve --mode all` on tmp/csi.sock (state tmp/state, log tmp/driver.log)."""
     csi_oci_bin = REPO / ".venv" / "bin" / "csi-oci"
     if not os.access(csi_oci_bin, os.X_OK):
         raise DemoError(f"{csi_oci_bin} not found; {INSTALL_HINT}")
-    sock = tmp / "csi.sock"
-    cmd = [
-        str(csi_oci_bin),
-        "--state-dir",
-        str(tmp / "state"),
-        "serve",
-        "--endpoint",
-        f"unix://{sock}",
-        "--node-id",
-        NODE_ID,
-        "--mode",
-        "all",
-    ]
-    log_path = tmp / "driver.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # no terminal signals; --keep lets it outlive us
+    try:
+        return Driver(
+            tmp,
+            program=[str(csi_oci_bin)],
+            node_id=NODE_ID,
+            metrics_address=None,  # the driver's default
+            new_session=True,  # no terminal signals; --keep lets it outlive us
+            start_timeout=SOCKET_TIMEOUT,
         )
-    driver = Driver(proc, sock, log_path, cmd)
-    deadline = time.monotonic() + SOCKET_TIMEOUT
-    while not sock.is_socket():
-        if proc.poll() is not None:
-            raise DemoError(
-                f"the driver exited with code {proc.returncode} before creating its socket:\n"
-                + driver.log_tail()
-            )
-        if time.monotonic() > deadline:
-            raise DemoError(f"the driver did not create {sock} within {SOCKET_TIMEOUT:.0f}s")
-        time.sleep(0.02)
-    return driver
+    except RuntimeError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def stop_driver(driver: Driver, timeout: float = 15.0) -> int:
-    if driver.proc.poll() is None:
-        driver.proc.send_signal(signal.SIGTERM)
-        try:
-            driver.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            driver.proc.kill()
-            driver.proc.wait(timeout=5)
-            raise DemoError(f"the driver did not stop within {timeout:.0f}s of SIGTERM") from None
-    return driver.proc.returncode
+    try:
+        return driver.stop(timeout)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        raise DemoError(f"the driver did not stop within {timeout:.0f}s of SIGTERM") from None
 
 
 def command_lines(cmd: list[str]) -> str:
@@ -357,19 +313,6 @@ def command_lines(cmd: list[str]) -> str:
 # -- CSI calls ----------------------------------------------------------------------------
 
 
-@dataclass
-class Csi:
-    channel: grpc.Channel
-    identity: csi_pb2_grpc.IdentityStub = field(init=False)
-    controller: csi_pb2_grpc.ControllerStub = field(init=False)
-    node: csi_pb2_grpc.NodeStub = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
-        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
-
-
 def call(name: str, fn: Callable[..., Any], request: Any, timeout: float = RPC_TIMEOUT) -> Any:
     """Make one RPC; a gRPC error becomes a DemoError naming the call and status."""
     try:
@@ -378,15 +321,6 @@ def call(name: str, fn: Callable[..., Any], request: Any, timeout: float = RPC_T
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         raise DemoError(f"{name} failed: {code.name if code else '?'}: {details}") from None
-
-
-def mount_capability() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(),
-        access_mode=csi_pb2.VolumeCapability.AccessMode(
-            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-        ),
-    )
 
 
 # -- inspecting the mount ------------------------------------------------------------------
@@ -500,7 +434,6 @@ class State:
     tmp: Path
     registry: Registry | None = None
     driver: Driver | None = None
-    channel: grpc.Channel | None = None
     target: Path | None = None
     published: bool = False
     notes: dict[str, str] = field(default_factory=dict)
@@ -538,21 +471,15 @@ def run(args: argparse.Namespace, st: State) -> None:
     t = time.monotonic()
     st.driver = driver = start_driver(tmp)
     say(command_lines(driver.cmd))
+    assert driver.proc is not None
     say(f"pid {driver.proc.pid}, socket up in {time.monotonic() - t:.2f}s, log {driver.log_path}")
 
-    st.channel = grpc.insecure_channel(f"unix://{driver.socket}")
-    try:
-        grpc.channel_ready_future(st.channel).result(timeout=SOCKET_TIMEOUT)
-    except grpc.FutureTimeoutError:
-        raise DemoError(f"could not connect to {driver.socket}:\n{driver.log_tail()}") from None
-    csi = Csi(st.channel)
-
     steps.start("Identity: GetPluginInfo, Probe")
-    info = call("GetPluginInfo", csi.identity.GetPluginInfo, csi_pb2.GetPluginInfoRequest())
+    info = call("GetPluginInfo", driver.identity.GetPluginInfo, csi_pb2.GetPluginInfoRequest())
     ready = False
     deadline = time.monotonic() + 10
     while not ready:
-        probe = call("Probe", csi.identity.Probe, csi_pb2.ProbeRequest())
+        probe = call("Probe", driver.identity.Probe, csi_pb2.ProbeRequest())
         ready = probe.HasField("ready") and probe.ready.value
         if not ready:
             if time.monotonic() > deadline:
@@ -565,9 +492,9 @@ def run(args: argparse.Namespace, st: State) -> None:
     params = {KEY_IMAGE: image_ref, KEY_SUB_PATH: SUB_PATH}
     created = call(
         "CreateVolume",
-        csi.controller.CreateVolume,
+        driver.controller.CreateVolume,
         csi_pb2.CreateVolumeRequest(
-            name=VOLUME_NAME, volume_capabilities=[mount_capability()], parameters=params
+            name=VOLUME_NAME, volume_capabilities=[MOUNT_CAP], parameters=params
         ),
     )
     volume = created.volume
@@ -583,11 +510,11 @@ def run(args: argparse.Namespace, st: State) -> None:
     t = time.monotonic()
     call(
         "NodePublishVolume",
-        csi.node.NodePublishVolume,
+        driver.node.NodePublishVolume,
         csi_pb2.NodePublishVolumeRequest(
             volume_id=volume.volume_id,
             target_path=str(target),
-            volume_capability=mount_capability(),
+            volume_capability=MOUNT_CAP,
             readonly=True,
             volume_context=volume.volume_context,
         ),
@@ -623,7 +550,7 @@ def run(args: argparse.Namespace, st: State) -> None:
     steps.start("Node: NodeUnpublishVolume; Controller: DeleteVolume")
     call(
         "NodeUnpublishVolume",
-        csi.node.NodeUnpublishVolume,
+        driver.node.NodeUnpublishVolume,
         csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=str(target)),
     )
     if mounts_at(target):
@@ -632,14 +559,12 @@ def run(args: argparse.Namespace, st: State) -> None:
     say(f"unmounted; target directory {'still exists' if target.exists() else 'removed'}")
     call(
         "DeleteVolume",
-        csi.controller.DeleteVolume,
+        driver.controller.DeleteVolume,
         csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id),
     )
     say(f"deleted {volume.volume_id}")
 
     steps.start("stop the driver and the registry")
-    st.channel.close()
-    st.channel = None
     t = time.monotonic()
     code = stop_driver(driver)
     if code != 0:
@@ -673,7 +598,7 @@ def keep_running(st: State) -> None:
     cleanup = st.tmp / "cleanup.sh"
     cleanup.write_text(
         "#!/bin/sh\n"
-        "# Undo `hack/demo.py --keep`.\n"
+        "# Undo `python -m hack.demo --keep`.\n"
         f"umount {shlex.quote(str(st.target))} 2>/dev/null || true\n"
         f"kill {' '.join(pids)} 2>/dev/null || true\n"
         "sleep 1\n"
@@ -697,8 +622,6 @@ def keep_running(st: State) -> None:
 def cleanup(st: State, *, keep: bool) -> list[str]:
     """Best-effort teardown after a failure (or the normal end); returns warnings."""
     warnings: list[str] = []
-    if st.channel is not None:
-        st.channel.close()
     if st.target is not None and st.published and mounts_at(st.target):
         try:
             unmount(st.target)

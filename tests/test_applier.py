@@ -16,7 +16,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from support.images import (
+
+from csi_oci.errors import InvalidLayer
+from csi_oci.unpack.applier import ApplyStats, LayerApplier
+from csi_oci.unpack.budget import Limits
+from csi_oci.unpack.paths import MAX_SYMLINK_HOPS, open_in_root, resolve_dir, split_member_name
+from tests.support.images import (
     CharDevice,
     Dir,
     Fifo,
@@ -28,17 +33,6 @@ from support.images import (
     Whiteout,
     build_tar,
 )
-
-from csi_oci.applier import (
-    MAX_SYMLINK_HOPS,
-    ApplyStats,
-    LayerApplier,
-    Limits,
-    open_in_root,
-    resolve_dir,
-    split_member_name,
-)
-from csi_oci.errors import InvalidLayer
 
 EVIL = "csi-oci-applier-test-evil"  # never exists on the host
 

@@ -11,7 +11,8 @@ import sys
 
 import grpc
 import pytest
-from support.artifacts import (
+
+from tests.support.artifacts import (
     ORAS_FILE,
     TITLE,
     Artifact,
@@ -22,20 +23,13 @@ from support.artifacts import (
     oras_files,
     push_artifact,
 )
-from support.driver import Driver, settled, tree_of
-from support.images import Dir, File, Image, Layer, push_image
+from tests.support.driver import settled, tree_of
+from tests.support.images import Dir, File, Image, Layer, push_image
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
 CONFIG = b'{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}'
 TOKENIZER = b'{"model": {"type": "BPE"}}'
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    d = Driver(tmp_path_factory.mktemp("artifacts"))
-    yield d
-    d.stop()
 
 
 def target_in(tmp_path, name="vol"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from csi_oci.attributes import (
+from csi_oci.errors import InvalidArgument
+from csi_oci.spec.attributes import (
     KNOWN_KEYS,
     Mode,
     Platform,
@@ -16,8 +17,7 @@ from csi_oci.attributes import (
     parse_platform,
     parse_volume_attributes,
 )
-from csi_oci.errors import InvalidArgument
-from csi_oci.reference import parse_reference
+from csi_oci.spec.reference import parse_reference
 
 D256 = "sha256:" + "c" * 64
 

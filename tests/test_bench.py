@@ -1,6 +1,6 @@
-"""hack/bench runs end to end (tiny model): every packaging, every peer, the
-lazy runs, the machine limits, and its three outputs; hack/bench_profile.py
-profiles the raw pull of csi-oci and oras.
+"""hack/bench (``python -m bench``) runs end to end (tiny model): every packaging,
+every peer, the lazy runs, the machine limits, and its three outputs;
+``python -m bench.profile`` profiles the raw pull of csi-oci and oras.
 
 Performance is never asserted here; this only keeps the benchmark command
 working on a fresh clone. The run itself checks each tool's files against
@@ -18,6 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGINGS = {"raw", "tar", "tar+gzip", "tar+zstd", "estargz", "zstd:chunked"}
 IMAGE_PEERS = {"oras cp + tar -x", "skopeo copy + tar -x", "crane export + tar -x"}
@@ -29,7 +33,8 @@ def test_bench_smoke_run_writes_json_markdown_and_chart(tmp_path):
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     cmd = [
         sys.executable,
-        str(REPO / "hack" / "bench.py"),
+        "-m",
+        "bench",
         "--size-mib",
         "24",
         "--shards",
@@ -45,7 +50,9 @@ def test_bench_smoke_run_writes_json_markdown_and_chart(tmp_path):
         str(scratch),
     ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False
+        )
         leftovers = list(scratch.iterdir())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -98,12 +105,13 @@ def test_bench_smoke_run_writes_json_markdown_and_chart(tmp_path):
 
 
 def test_profile_splits_each_tools_cpu_by_thread_object_and_symbol(tmp_path):
-    """hack/bench_profile.py (perf over the timed window) names the driver's
+    """python -m bench.profile (perf over the timed window) names the driver's
     pipeline threads, the registry and oras, and its shares add up."""
     out = tmp_path / "profile.md"
     cmd = [
         sys.executable,
-        str(REPO / "hack" / "bench_profile.py"),
+        "-m",
+        "bench.profile",
         "--size-mib",
         "64",
         "--shards",
@@ -112,7 +120,7 @@ def test_profile_splits_each_tools_cpu_by_thread_object_and_symbol(tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     csi, oras = text.split("### csi-oci publish")[1].split("### oras pull")

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from support.driver import Driver, mount_options
-from support.images import Dir, File, Image, Layer, push_image
 
 from csi_oci import cli as cli_module
+from tests.support.driver import Driver, mount_options
+from tests.support.images import Dir, File, Image, Layer, push_image
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
@@ -29,6 +29,7 @@ def cli(state, *args, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_pull_mount_status_umount(registry, tmp_path):
     img = Image(
         [Layer([Dir("models"), File("models/w.bin", b"weights" * 1000)], compression="zstd")]
@@ -65,6 +66,7 @@ def test_errors_are_one_clear_line(registry, tmp_path):
     assert proc.returncode == 1 and "invalid image reference" in proc.stderr
 
 
+@pytest.mark.slow
 def test_refcounts_survive_a_restart_and_cli_refuses_a_busy_state_dir(registry, tmp_path):
     img = Image([Layer([File("f", b"x")])])
     digest = push_image(registry, img, "cli/shared:v1", tmp_path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from support.driver import MOUNT_CAP, Driver
 
 from csi_oci.csi.v1 import csi_pb2
+from tests.support.driver import MOUNT_CAP, Driver
 
 PARAMS = {"image": "registry.example.com/models/tiny:v1", "subPath": "models"}
 BLOCK_CAP = csi_pb2.VolumeCapability(
@@ -15,10 +15,8 @@ BLOCK_CAP = csi_pb2.VolumeCapability(
 
 
 @pytest.fixture(scope="module")
-def controller(tmp_path_factory):
-    d = Driver(tmp_path_factory.mktemp("controller"), mode="controller")
-    yield d
-    d.stop()
+def controller(make_module_driver):
+    return make_module_driver(mode="controller")
 
 
 def code_of(fn, req) -> grpc.StatusCode:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from csi_oci.controller import is_our_volume_id, volume_id_for
+from csi_oci.csi.controller import is_our_volume_id, volume_id_for
 
 DRIVER = "oci.csi.example.com"
 ID_RE = re.compile(r"^oci-[0-9a-f]{40}-[0-9a-f]{8}$")

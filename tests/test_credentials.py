@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from csi_oci.credentials import Credentials, credentials_from_secrets
 from csi_oci.errors import InvalidArgument
-from csi_oci.reference import parse_reference
+from csi_oci.spec.credentials import Credentials, credentials_from_secrets
+from csi_oci.spec.reference import parse_reference
 
 PASSWORD = "s3cr3t-P@ss:with:colons"
 

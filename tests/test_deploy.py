@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from csi_oci.cli import _parser as csi_oci_cli_parser
-from csi_oci.registry_config import parse_config
+from csi_oci.oci.config import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "deploy" / "helm" / "csi-oci"

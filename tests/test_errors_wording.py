@@ -17,21 +17,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import Driver
-from support.faultproxy import FaultProxy, stall_body
-from support.images import Dir, File, Image, Layer, Raw, push_image
-from support.registry import TEST_USER, free_port
+
+from tests.support.driver import Driver
+from tests.support.faultproxy import FaultProxy, stall_body
+from tests.support.images import Dir, File, Image, Layer, Raw, push_image
+from tests.support.registry import TEST_USER, free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
 WRONG_PASSWORD = "not-the-password-7731"
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    d = Driver(tmp_path_factory.mktemp("wording"))
-    yield d
-    d.stop()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,9 @@ def test_platform_not_in_index_lists_the_platforms(driver, registry, tmp_path):
     )
 
 
-@pytest.mark.parametrize("kind", ["basic_registry", "token_registry"])
+@pytest.mark.parametrize(
+    "kind", ["basic_registry", pytest.param("token_registry", marks=pytest.mark.slow)]
+)
 def test_auth_denied_says_which_registry_and_where_credentials_go(kind, request, driver, tmp_path):
     reg = request.getfixturevalue(kind)
     push_image(reg, Image([Layer([File("w", b"private")])]), "wording/private:v1", tmp_path)
@@ -145,6 +141,7 @@ def test_auth_denied_says_which_registry_and_where_credentials_go(kind, request,
     assert auth not in message
 
 
+@pytest.mark.slow
 def test_registry_unreachable_names_host_error_and_retries(driver, tmp_path):
     host = f"127.0.0.1:{free_port()}"  # nothing listens there
     image = f"{host}/wording/model:v1"
@@ -218,6 +215,7 @@ def test_pull_policy_never_without_the_image(driver, model, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_disk_full_names_sizes_and_the_budget_flags(registry, tmp_path):
     layer = Layer([File("weights.bin", os.urandom(3 << 20))], compression="gzip")
     push_image(registry, Image([layer]), "wording/big:v1", tmp_path)
@@ -238,6 +236,7 @@ def test_disk_full_names_sizes_and_the_budget_flags(registry, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_pull_in_progress_shows_bytes_rate_and_eta(registry, tmp_path):
     layer = Layer([File("weights.bin", os.urandom(4 << 20))], compression="none")
     image_obj = Image([layer])

@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from support.artifacts import digest_of, oras_files, push_artifact
-from support.faultproxy import (
+
+from tests.support.artifacts import digest_of, oras_files, push_artifact
+from tests.support.faultproxy import (
     FaultProxy,
     RecordingBlobServer,
     classify,
@@ -26,9 +27,9 @@ from support.faultproxy import (
     truncate,
     wait_for,
 )
-from support.mirrors import mirror_pair
-from support.registry import ACCEPT_MANIFESTS, Registry
-from support.tlsutil import issue_client_cert, issue_server_cert, make_ca
+from tests.support.mirrors import mirror_pair
+from tests.support.registry import ACCEPT_MANIFESTS, Registry
+from tests.support.tlsutil import issue_client_cert, issue_server_cert, make_ca
 
 BLOB_SIZE = 300_000
 REPO = "faultproxy/model"
@@ -410,6 +411,7 @@ def pki(tmp_path_factory):
     return ca, server, client, stranger
 
 
+@pytest.mark.slow
 def test_tls_registry(tmp_path, pki):
     ca, server, _, _ = pki
     with Registry(tmp_path, tls=server, tls_ca=ca.cert_path) as reg:
@@ -490,6 +492,7 @@ def test_mirror_pair_serves_upstream_blobs(tmp_path):
         assert start.json()["errors"][0]["code"] == "UNSUPPORTED"
 
 
+@pytest.mark.slow
 def test_mirror_with_failing_upstream(tmp_path):
     with mirror_pair(tmp_path, fault_proxy=True) as pair:
         proxy = pair.proxy

@@ -71,6 +71,7 @@ def fuzz_run(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.slow
 def test_target_runs_without_findings(fuzz_run, target):
     r = fuzz_run["report"]["targets"][target]
     assert r["error"] is None, r["error"]

@@ -44,9 +44,17 @@ from typing import Any
 import grpc
 import pytest
 import zstandard
-from support.artifacts import OCI_EMPTY, ORAS_FILE, TITLE, Artifact, Blob, push_artifact
-from support.driver import Driver, mount_options, tree_of, wait_for
-from support.images import (
+
+from csi_oci import faults
+from csi_oci.errors import InvalidLayer
+from csi_oci.oci.packaging import validated_path
+from csi_oci.stream.inflate import MAX_ZSTD_WINDOW, GzipReader, ZstdReader
+from csi_oci.unpack.applier import MAX_EXTENSION_HEADER_BYTES, LayerApplier, Policy
+from csi_oci.unpack.budget import Budget, Limits
+from csi_oci.unpack.paths import MAX_SYMLINK_HOPS
+from tests.support.artifacts import OCI_EMPTY, ORAS_FILE, TITLE, Artifact, Blob, push_artifact
+from tests.support.driver import Driver, mount_options, tree_of, wait_for
+from tests.support.images import (
     MEDIA_TYPE_LAYER_GZIP,
     MEDIA_TYPE_LAYER_ZSTD,
     MEDIA_TYPE_MANIFEST,
@@ -67,19 +75,6 @@ from support.images import (
     push_image,
     sha256_digest,
 )
-
-from csi_oci import faults
-from csi_oci.applier import (
-    MAX_EXTENSION_HEADER_BYTES,
-    MAX_SYMLINK_HOPS,
-    Budget,
-    LayerApplier,
-    Limits,
-    Policy,
-)
-from csi_oci.errors import InvalidLayer
-from csi_oci.packaging import validated_path
-from csi_oci.streams import MAX_ZSTD_WINDOW, GzipReader, ZstdReader
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, mounts)")
 
@@ -411,13 +406,6 @@ class Measured:
 
 
 # -- end-to-end helpers -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    d = Driver(tmp_path_factory.mktemp("hardening-driver"))
-    yield d
-    d.stop()
 
 
 def target_in(tmp_path: Path, name: str = "vol") -> Path:
@@ -1697,12 +1685,8 @@ def test_T27_zstd_window_above_limit_refused(env, window_log):
 
 
 @pytest.fixture(scope="module")
-def budget_driver(tmp_path_factory):
-    d = Driver(
-        tmp_path_factory.mktemp("hardening-budget"), extra_args=["--max-image-bytes", "33554432"]
-    )
-    yield d
-    d.stop()
+def budget_driver(make_module_driver):
+    return make_module_driver("--max-image-bytes", "33554432")
 
 
 def test_T27_gzip_bomb_end_to_end(budget_driver, registry, tmp_path):
@@ -1864,6 +1848,7 @@ def million_entries(count: int) -> Iterator[bytes]:
     yield bytes(batch) + END
 
 
+@pytest.mark.slow
 def test_T29_million_entry_layer_stops_at_the_entry_budget(tmpfs_env):
     """T29: a lazy million-entry layer stops at max_entries=20000, fast, bounded memory."""
     source = ChunkSource(million_entries(1_000_000))
@@ -2005,6 +1990,7 @@ def crash_image(registry, tmp_path_factory) -> tuple[str, Image, dict[str, objec
 
 
 @pytest.mark.parametrize("point", faults.POINTS)
+@pytest.mark.slow
 def test_T31_crash_at_every_stage_leaves_no_half_tree(crash_image, tmp_path, monkeypatch, point):
     """T31 e2e: crash at each point -> after restart no half tree; then publish is exact."""
     ref, img, expected = crash_image
@@ -2036,6 +2022,7 @@ def test_T31_crash_at_every_stage_leaves_no_half_tree(crash_image, tmp_path, mon
 # -- T32 --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_T32_staging_is_private_while_a_pull_runs(registry, tmp_path):
     """T32 e2e: a running pull's staging tree is under 0700 dirs, invisible in images/."""
     layers = [Layer([File(f"part-{i}", os.urandom(6 * MIB))], compression="gzip") for i in range(3)]
@@ -2101,6 +2088,7 @@ FAKE_TOOLS = (
 )
 
 
+@pytest.mark.slow
 def test_T32_no_external_decompressor(registry, tmp_path, monkeypatch):
     """T32 e2e: fake gzip/pigz/zstd/xz first in PATH are never run; layers still unpack."""
     fake = tmp_path / "fake-bin"

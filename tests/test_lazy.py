@@ -12,11 +12,11 @@ import hashlib
 import os
 
 import pytest
-from support.lazyfixtures import estargz_blob, make_layer_tar, skopeo_zstd_chunked
 
 from csi_oci.errors import IntegrityError, InvalidLayer
-from csi_oci.lazy import LazyReader, NotLazy, lazy_format, open_toc
 from csi_oci.lazy.estargz import TOC_DIGEST_ANNOTATION, parse_footer
+from csi_oci.lazy.reader import LazyReader, NotLazy, lazy_format, open_toc
+from tests.support.lazyfixtures import estargz_blob, make_layer_tar, skopeo_zstd_chunked
 
 FILES = {
     "models/config.json": b'{"hidden_size": 64}',

@@ -9,9 +9,10 @@ import os
 
 import grpc
 import pytest
-from support.driver import Driver, mount_options
-from support.images import File, Image, Layer, push_image
-from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
+
+from tests.support.driver import Driver, mount_options
+from tests.support.images import File, Image, Layer, push_image
+from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -44,6 +45,7 @@ def target_in(tmp_path, name="v"):
     return parent / "mount"
 
 
+@pytest.mark.slow
 def test_lazy_publish_reads_on_demand_and_survives_a_restart(registry, lazy_image, tmp_path):
     ref, blob_size = lazy_image
     d = Driver(tmp_path / "drv")
@@ -85,6 +87,7 @@ def lazy_stats(state_dir, timeout=10.0):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_lazy_mode_refuses_layers_without_a_toc(registry, tmp_path):
     push_image(registry, Image([Layer([File("f", b"x")])]), "lazy/plain:v1", tmp_path)
     d = Driver(tmp_path / "drv")
@@ -102,6 +105,7 @@ def test_lazy_mode_refuses_layers_without_a_toc(registry, tmp_path):
         d.stop()
 
 
+@pytest.mark.slow
 def test_a_dead_fuse_server_fails_fast_and_is_restarted(registry, lazy_image, tmp_path):
     import errno
     import signal
@@ -147,6 +151,7 @@ def blob_gets(registry, repo):
     )
 
 
+@pytest.mark.slow
 def test_prefetch_all_then_reads_never_touch_the_network(registry, lazy_image, tmp_path):
     import time
 
@@ -189,6 +194,7 @@ def test_prefetch_all_then_reads_never_touch_the_network(registry, lazy_image, t
         d.stop()
 
 
+@pytest.mark.slow
 def test_auto_serves_lazy_images_lazily_and_others_unpacked(registry, lazy_image, tmp_path):
     ref, _ = lazy_image
     push_image(registry, Image([Layer([File("f", b"plain")])]), "lazy/plain-auto:v1", tmp_path)
@@ -217,6 +223,7 @@ def test_auto_serves_lazy_images_lazily_and_others_unpacked(registry, lazy_image
         d.stop()
 
 
+@pytest.mark.slow
 def test_lazy_include_serves_and_fetches_only_matching_files(registry, lazy_image, tmp_path):
     ref, blob_size = lazy_image
     d = Driver(tmp_path / "drv")

@@ -18,8 +18,9 @@ import zlib
 
 import pytest
 import zstandard
-from support.images import Dir, File, build_tar
-from support.lazyfixtures import (
+
+from tests.support.images import Dir, File, build_tar
+from tests.support.lazyfixtures import (
     TOC_DIGEST,
     UNCOMPRESSED_SIZE,
     ZSTD_MANIFEST_CHECKSUM,

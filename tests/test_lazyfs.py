@@ -13,7 +13,8 @@ import sys
 import time
 
 import pytest
-from support.lazyfixtures import estargz_blob, make_layer_tar, skopeo_zstd_chunked
+
+from tests.support.lazyfixtures import estargz_blob, make_layer_tar, skopeo_zstd_chunked
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -62,7 +63,7 @@ def lazy_mount(tmp_path):
     mnt.mkdir()
     log = open(tmp_path / "lazyfs.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "csi_oci.lazyfs", str(mnt), str(spec)],
+        [sys.executable, "-m", "csi_oci.lazy.fs", str(mnt), str(spec)],
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
@@ -110,7 +111,7 @@ def test_read_only(lazy_mount):
 def test_tampered_piece_is_eio_and_other_files_still_read(lazy_mount):
     mnt, tmp_path, lower = lazy_mount
     # Damage the lower blob on disk after mounting: the server reads it on demand.
-    from csi_oci.lazy import open_toc
+    from csi_oci.lazy.reader import open_toc
 
     data = lower.blob
     toc = open_toc(lower.media_type, lower.annotations, len(data), lambda o, n: data[o : o + n])

@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support.driver import Driver, LazyServerProcess
-from support.faultproxy import FaultProxy, status
-from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
-from support.registry import TEST_PASSWORD, TEST_USER, Registry
-from support.tokenserver import TokenServer
+
+from tests.support.driver import Driver, LazyServerProcess
+from tests.support.faultproxy import FaultProxy, status
+from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
+from tests.support.registry import TEST_PASSWORD, TEST_USER, Registry
+from tests.support.tokenserver import TokenServer
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -94,6 +95,7 @@ def read_until(path: Path, expected: bytes, timeout: float) -> float:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_gRPC_server_restart_leaves_lazy_volumes_serving(registry, node, tmp_path):
     driver, lazy = node
     ref = push_model(registry, tmp_path, "lazysrv/restart:v1")
@@ -116,6 +118,7 @@ def test_gRPC_server_restart_leaves_lazy_volumes_serving(registry, node, tmp_pat
     assert not list((driver.state_dir / "lazy").glob("*/image.json"))
 
 
+@pytest.mark.slow
 def test_lazy_server_restart_rebinds_volumes_with_the_pods_credentials(
     basic_registry, node, tmp_path
 ):
@@ -158,6 +161,7 @@ def test_lazy_server_restart_rebinds_volumes_with_the_pods_credentials(
     assert not list((tmp_path / "run").iterdir()), "credentials are removed with the image"
 
 
+@pytest.mark.slow
 def test_a_dead_fuse_server_alone_is_restarted_by_the_lazy_server(registry, node, tmp_path):
     driver, lazy = node
     ref = push_model(registry, tmp_path, "lazysrv/fuse-dies:v1")
@@ -173,6 +177,7 @@ def test_a_dead_fuse_server_alone_is_restarted_by_the_lazy_server(registry, node
     driver.unpublish(target)
 
 
+@pytest.mark.slow
 def test_registry_failure_during_a_read_is_EIO_for_that_read_only(registry, node, tmp_path):
     driver, lazy = node
     push_model(registry, tmp_path, "lazysrv/flaky:v1")
@@ -201,6 +206,7 @@ def test_registry_failure_during_a_read_is_EIO_for_that_read_only(registry, node
         driver.unpublish(target)
 
 
+@pytest.mark.slow
 def test_an_expiring_registry_token_is_renewed_for_on_demand_reads(node, tmp_path):
     driver, _lazy_server = node
     tokens = TokenServer(
@@ -226,6 +232,7 @@ def test_an_expiring_registry_token_is_renewed_for_on_demand_reads(node, tmp_pat
         tokens.stop()
 
 
+@pytest.mark.slow
 def test_restart_rebind_reaches_a_pods_slave_copy_of_the_mount(registry, node, tmp_path):
     """A container with `mountPropagation: HostToContainer` holds a slave copy
     of the target mount (found by hack/e2e-kube on a real kubelet). The rebind

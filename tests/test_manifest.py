@@ -6,15 +6,13 @@ import json
 
 import pytest
 
-from csi_oci.attributes import Platform
 from csi_oci.errors import InvalidArgument, NotFound, RegistryError, Unsupported
-from csi_oci.manifest import (
+from csi_oci.oci.manifest import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     LAYER_COMPRESSION,
     OCI_INDEX,
     OCI_MANIFEST,
-    Compression,
     Descriptor,
     ImageManifest,
     detect_media_type,
@@ -25,6 +23,8 @@ from csi_oci.manifest import (
     parse_manifest,
     select_platform,
 )
+from csi_oci.spec.attributes import Platform
+from csi_oci.stream.inflate import Compression
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

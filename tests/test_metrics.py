@@ -18,23 +18,16 @@ import pytest
 import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from support.driver import Driver, wait_for
-from support.images import File, Image, Layer, push_image
-from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
-from support.registry import free_port
 
-from csi_oci import metrics
 from csi_oci.csi.v1 import csi_pb2
-from csi_oci.metrics import (
-    LAZY_STATS_STALE_SECONDS,
-    LazyStats,
-    LazyTotals,
-    MetricsServer,
-    NodeCollector,
-    write_lazy_stats,
-)
-from csi_oci.store import Store
-from csi_oci.volumes import VolumeRecord
+from csi_oci.publish.records import VolumeRecord
+from csi_oci.storage.store import Store
+from csi_oci.telemetry import endpoint, instruments, lazystats
+from csi_oci.telemetry.endpoint import LazyTotals, MetricsServer, NodeCollector
+from csi_oci.telemetry.lazystats import LAZY_STATS_STALE_SECONDS, LazyStats, write_lazy_stats
+from tests.support.driver import Driver, wait_for
+from tests.support.images import File, Image, Layer, push_image
+from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 needs_fuse = pytest.mark.skipif(
@@ -94,32 +87,20 @@ def target_in(tmp_path: Path, name: str) -> Path:
     return parent / "mount"
 
 
-def metered_driver(workdir: Path, *extra: str) -> Driver:
-    """A driver with metrics on a free loopback port and JSON logs."""
-    port = free_port()
-    d = Driver(
-        workdir,
-        metrics_address=f"127.0.0.1:{port}",
-        extra_args=["--log-format", "json", *extra],
-    )
-    d.metrics_port = port
-    return d
+# The module's drivers (tests/conftest.py make_module_driver): metrics on a free
+# loopback port (.metrics_port) and JSON logs.
 
 
 @pytest.fixture(scope="module")
-def metered(tmp_path_factory):
+def metered(make_module_driver):
     """The default: lazy metrics are sums, with no image labels."""
-    d = metered_driver(tmp_path_factory.mktemp("metered"))
-    yield d
-    d.stop()
+    return make_module_driver("--log-format", "json", metrics=True)
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
+def labelled(make_module_driver):
     """With --metrics-image-labels."""
-    d = metered_driver(tmp_path_factory.mktemp("labelled"), "--metrics-image-labels")
-    yield d
-    d.stop()
+    return make_module_driver("--log-format", "json", "--metrics-image-labels", metrics=True)
 
 
 LAZY_FILES = {
@@ -140,6 +121,7 @@ def lazy_image(registry, tmp_path_factory):
 
 
 @needs_root
+@pytest.mark.slow
 def test_a_real_pull_moves_the_counters_by_the_right_amounts(metered, registry, tmp_path):
     layers = [
         Layer([File("weights-0", os.urandom(300_000))], compression="gzip"),
@@ -228,6 +210,7 @@ def test_healthz_follows_the_state_dir(metered):
 
 
 @needs_fuse
+@pytest.mark.slow
 def test_by_default_no_metric_names_a_tenants_image(metered, registry, lazy_image, tmp_path):
     """One unpacked and one lazy volume: /metrics counts them, names neither."""
     lazy_ref, lazy_digest = lazy_image
@@ -281,6 +264,7 @@ def test_by_default_no_metric_names_a_tenants_image(metered, registry, lazy_imag
 
 
 @needs_fuse
+@pytest.mark.slow
 def test_image_labels_flag_labels_the_lazy_series(labelled, lazy_image, tmp_path):
     lazy_ref, lazy_digest = lazy_image
     port = labelled.metrics_port
@@ -340,6 +324,7 @@ def remove_stats(*directories: Path) -> None:
 
 
 @needs_root
+@pytest.mark.slow
 def test_lazy_stats_files_are_exported_per_image_with_the_flag(labelled):
     port = labelled.metrics_port
     servers = value(scrape(port), "csi_oci_lazy_servers")
@@ -364,6 +349,7 @@ def test_lazy_stats_files_are_exported_per_image_with_the_flag(labelled):
 
 
 @needs_root
+@pytest.mark.slow
 def test_lazy_stats_files_are_summed_without_labels_by_default(metered):
     port = metered.metrics_port
     before = scrape(port)
@@ -452,7 +438,7 @@ class Walks:
 
 
 class FakeVolumes:
-    """The one thing NodeCollector asks a VolumeManager for, counted."""
+    """The one thing NodeCollector asks the volume records for, counted."""
 
     def __init__(self, walks: Walks) -> None:
         self.walks = walks
@@ -464,7 +450,7 @@ class FakeVolumes:
             VolumeRecord(volume_id, f"/pods/{volume_id}", {}, digest, "published", 0.0, tree)
         )
 
-    def all_records(self) -> list[VolumeRecord]:
+    def all(self) -> list[VolumeRecord]:
         self.walks.all_records += 1
         return list(self.records)
 
@@ -484,21 +470,25 @@ def node(tmp_path, monkeypatch):
     store = Store(tmp_path / "state")
     store.ensure_layout()
     walks = Walks()
-    for name in ("usage", "list_images", "free_bytes"):
-        original = getattr(store, name)
+    for owner, name in (
+        (store.space, "usage"),
+        (store, "list_images"),
+        (store.space, "free_bytes"),
+    ):
+        original = getattr(owner, name)
 
         def counted(*args, _original=original, _name=name):
             setattr(walks, _name, getattr(walks, _name) + 1)
             return _original(*args)
 
-        monkeypatch.setattr(store, name, counted)
-    original_read = metrics.read_lazy_stats
+        monkeypatch.setattr(owner, name, counted)
+    original_read = lazystats.read_lazy_stats
 
     def read_lazy_stats(*args, **kwargs):
         walks.lazy_stats += 1
         return original_read(*args, **kwargs)
 
-    monkeypatch.setattr(metrics, "read_lazy_stats", read_lazy_stats)
+    monkeypatch.setattr(endpoint, "read_lazy_stats", read_lazy_stats)
     return store, FakeVolumes(walks), walks
 
 
@@ -546,6 +536,7 @@ def test_concurrent_scrapes_share_one_snapshot(node):
         assert value(samples, "csi_oci_lazy_servers") == 0
 
 
+@pytest.mark.slow
 def test_the_metrics_server_serves_the_snapshot_and_stops_its_thread(node):
     """Through the real HTTP endpoint: the first scrape is right, 50 at once walk
     nothing more, and stopping the server stops the snapshot thread."""
@@ -564,7 +555,7 @@ def test_the_metrics_server_serves_the_snapshot_and_stops_its_thread(node):
     finally:
         server.stop()
     assert not collector.running
-    assert collector not in metrics.REGISTRY._collector_to_names, "unregistered at stop"
+    assert collector not in instruments.REGISTRY._collector_to_names, "unregistered at stop"
 
 
 def test_the_snapshot_is_refreshed_after_its_period(node):
@@ -629,15 +620,15 @@ def test_a_failed_refresh_keeps_the_last_snapshot_and_logs_once(node, caplog, mo
     good = collect_samples(registry)
     assert value(good, "csi_oci_volumes_published", mode="unpack") == 1
 
-    working_usage = store.usage
+    working_usage = store.space.usage
 
     def broken() -> None:
         walks.usage += 1
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store, "usage", broken)
+    monkeypatch.setattr(store.space, "usage", broken)
     volumes.publish("v2", "sha256:" + "2" * 64)
-    with caplog.at_level(logging.INFO, logger="csi_oci.metrics"):
+    with caplog.at_level(logging.INFO, logger="csi_oci.telemetry.endpoint"):
         for _ in range(3):
             now[0] += 5
             samples = collect_samples(registry)
@@ -649,7 +640,7 @@ def test_a_failed_refresh_keeps_the_last_snapshot_and_logs_once(node, caplog, mo
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "Input/output error" in warnings[0].getMessage()
 
-        monkeypatch.setattr(store, "usage", working_usage)
+        monkeypatch.setattr(store.space, "usage", working_usage)
         now[0] += 5
         recovered = collect_samples(registry)
         assert value(recovered, "csi_oci_volumes_published", mode="unpack") == 2
@@ -665,7 +656,7 @@ def test_lazy_sums_never_go_down_when_servers_stop_or_restart():
     out = totals.update([stats("a", 1, read_bytes=100), stats("b", 2, read_bytes=50)], now=0)
     assert out == {
         (): {
-            **dict.fromkeys(metrics.LAZY_COUNTER_KEYS, 0.0),
+            **dict.fromkeys(lazystats.LAZY_COUNTER_KEYS, 0.0),
             "read_bytes": 150.0,
             "prefetch_done_bytes": 0.0,
             "prefetch_total_bytes": 0.0,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import MOUNT_CAP, Driver, mount_options, settled, tree_of, wait_for
-from support.faultproxy import FaultProxy, stall_body
-from support.images import Dir, File, Image, Layer, Opaque, Symlink, Whiteout, push_image
-from support.registry import TEST_PASSWORD, TEST_USER
 
 from csi_oci.csi.v1 import csi_pb2
+from tests.support.driver import MOUNT_CAP, Driver, mount_options, settled, tree_of, wait_for
+from tests.support.faultproxy import FaultProxy, stall_body
+from tests.support.images import Dir, File, Image, Layer, Opaque, Symlink, Whiteout, push_image
+from tests.support.registry import TEST_PASSWORD, TEST_USER
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
@@ -97,13 +97,6 @@ def images(registry, tmp_path_factory) -> dict[str, str]:
         "small": f"{registry.host}/node/small:v1",
         "multi_digest": f"{registry.host}/node/multi@{img.manifest_digest}",
     }
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    d = Driver(tmp_path_factory.mktemp("driver"))
-    yield d
-    d.stop()
 
 
 def target_in(tmp_path: Path, name: str = "vol") -> Path:
@@ -312,6 +305,7 @@ def test_pull_policy_never_with_cached_image_needs_no_registry(driver, images, t
     driver.unpublish(target)
 
 
+@pytest.mark.slow
 def test_dead_registry_is_unavailable(driver, tmp_path):
     err = rpc_error(driver.publish, target_in(tmp_path), {"image": "127.0.0.1:9/x/y:v1"})
     assert err.code() == grpc.StatusCode.UNAVAILABLE
@@ -347,6 +341,7 @@ def test_corrupted_blob_publishes_nothing_and_does_not_poison(driver, registry, 
         driver.unpublish(target)
 
 
+@pytest.mark.slow
 def test_wrong_diff_id_in_config_is_refused(driver, registry, tmp_path):
     layer = Layer([File("f", b"content")], compression="gzip")
     img = Image(
@@ -445,6 +440,7 @@ def test_ten_concurrent_publishes_share_one_download(driver, registry, tmp_path)
             driver.unpublish(t, volume_id=f"vol-{i}")
 
 
+@pytest.mark.slow
 def test_long_pull_returns_aborted_with_progress_then_joins(registry, tmp_path):
     layers = [
         Layer([File(f"part-{i}", os.urandom(8_000_000))], compression="gzip") for i in range(4)
@@ -476,6 +472,7 @@ def test_long_pull_returns_aborted_with_progress_then_joins(registry, tmp_path):
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])
+@pytest.mark.slow
 def test_restart_between_publish_and_unpublish(registry, images, tmp_path, hard):
     d = Driver(tmp_path / "drv")
     try:
@@ -495,6 +492,7 @@ def test_restart_between_publish_and_unpublish(registry, images, tmp_path, hard)
         d.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_shuts_down_cleanly_and_stale_socket_is_replaced(tmp_path):
     d = Driver(tmp_path / "drv", mode="controller")
     assert d.stop() == 0
@@ -509,6 +507,7 @@ def test_sigterm_shuts_down_cleanly_and_stale_socket_is_replaced(tmp_path):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_kill_during_pull_leaves_nothing_a_later_pull_trips_on(registry, tmp_path):
     layers = [
         Layer([File(f"part-{i}", os.urandom(16_000_000))], compression="gzip") for i in range(4)
@@ -568,6 +567,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_is_resource_exhausted_and_leaves_nothing(registry, tmp_path, small_disk):
     layers = [
         Layer([File(f"shard-{i}", os.urandom(12_000_000))], compression="none") for i in range(3)
@@ -595,6 +595,7 @@ def test_full_disk_is_resource_exhausted_and_leaves_nothing(registry, tmp_path, 
         d.stop()
 
 
+@pytest.mark.slow
 def test_reboot_before_flush_discards_torn_trees_and_blobs(registry, tmp_path):
     """A tree or blob renamed into the store whose flush never happened before the
     node went down (its pending-sync marker holds another boot id) is removed at

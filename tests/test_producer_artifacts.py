@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from support.driver import Driver, tree_of
-from support.producers import (
+
+from tests.support.driver import tree_of
+from tests.support.producers import (
     kit_push,
     modctl_push,
     oras_push_dir,
@@ -30,13 +31,6 @@ MODEL_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    d = Driver(tmp_path_factory.mktemp("producers"))
-    yield d
-    d.stop()
-
-
 def published(driver, tmp_path, ref, **attrs):
     parent = tmp_path / "pod" / "volumes" / "v"
     parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +42,7 @@ def published(driver, tmp_path, ref, **attrs):
         driver.unpublish(target)
 
 
+@pytest.mark.slow
 def test_oras_cli_files(driver, registry, tmp_path):
     files = {**MODEL_FILES, "sub/extra.bin": b"x"}
     pushed = oras_push_files(registry, "prod/oras-files:v1", tmp_path / "w", files)

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 import zstandard
-from support import producers
-from support.producers import (
+
+from tests.support import producers
+from tests.support.producers import (
     Pushed,
     kit_push,
     modctl_push,
@@ -29,7 +30,7 @@ from support.producers import (
     oras_push_files,
     oraspy_push_files,
 )
-from support.registry import Registry, ToolMissingError
+from tests.support.registry import Registry, ToolMissingError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from csi_oci.readahead import ReadAhead
+from csi_oci.stream.readahead import ReadAhead
 
 DATA = os.urandom(3 * 65536 + 1234)
 

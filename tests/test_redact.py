@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from csi_oci.csi.redact import is_secret_key, one_line, redacted_copy
 from csi_oci.csi.v1 import csi_pb2
-from csi_oci.redact import REDACTED, is_secret_key, one_line, redacted_copy
+from csi_oci.telemetry.urls import REDACTED
 
 DOCKERCONFIG = '{"auths":{"reg.example.com":{"auth":"YWxpY2U6c2VjcmV0LXB3LTEyMzQ="}}}'
 DOCKERCONFIG_AUTH = "YWxpY2U6c2VjcmV0LXB3LTEyMzQ="
@@ -209,7 +210,7 @@ def test_is_secret_key(key, secret):
 
 
 def test_error_text_is_one_line_without_url_secrets():
-    from csi_oci.redact import one_line_text
+    from csi_oci.csi.redact import one_line_text
 
     text = (
         "cannot fetch https://user:pa55@blobs.example/x?X-Amz-Signature=abc123&X-Amz-Date=1\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from csi_oci.errors import InvalidArgument
-from csi_oci.reference import (
+from csi_oci.spec.reference import (
     DOCKER_HUB,
     DOCKER_HUB_API,
     Reference,

@@ -29,16 +29,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import Driver, mount_options, tree_of, wait_for
-from support.faultproxy import FaultProxy, corrupt
-from support.images import File, Image, Layer, push_image
-from support.mirrors import MirrorPair, mirror_pair
-from support.registry import TEST_PASSWORD, TEST_USER, Registry
-from support.tlsutil import CA, issue_client_cert, issue_server_cert, make_ca
 
-from csi_oci.applier import ENTRY_DISK_BYTES
 from csi_oci.errors import InvalidArgument
-from csi_oci.registry_config import parse_config
+from csi_oci.oci.config import parse_config
+from csi_oci.unpack.budget import ENTRY_DISK_BYTES
+from tests.support.driver import Driver, mount_options, tree_of, wait_for
+from tests.support.faultproxy import FaultProxy, corrupt
+from tests.support.images import File, Image, Layer, push_image
+from tests.support.mirrors import MirrorPair, mirror_pair
+from tests.support.registry import TEST_PASSWORD, TEST_USER, Registry
+from tests.support.tlsutil import CA, issue_client_cert, issue_server_cert, make_ca
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts and tmpfs need root")
 
@@ -195,7 +195,7 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory, basic_registry) -> Iterator[Node]:
+def node(tmp_path_factory, make_module_driver, basic_registry) -> Node:
     work = tmp_path_factory.mktemp("registries-node")
     config = work / "registries.toml"
     config.write_text("# nothing configured yet\n")
@@ -211,12 +211,8 @@ def node(tmp_path_factory, basic_registry) -> Iterator[Node]:
             }
         )
     )
-    d = Driver(
-        work / "drv",
-        extra_args=["--registry-config", str(config), "--docker-config", str(docker_config)],
-    )
-    yield Node(d, config, docker_config, work)
-    d.stop()
+    d = make_module_driver("--registry-config", str(config), "--docker-config", str(docker_config))
+    return Node(d, config, docker_config, work)
 
 
 # == 1. the registry config file ===========================================================
@@ -406,7 +402,7 @@ def test_broken_config_keeps_the_previous_one_and_logs_an_error(node, registry, 
         log = d.log_text()
         assert f"registry config {node.config} not loaded, keeping the previous one" in log
         assert "not valid TOML" in log
-        assert "ERROR csi_oci.registry_config" in log
+        assert "ERROR csi_oci.oci.config" in log
         # valid TOML, invalid config, picked up on SIGHUP
         write_config(node.config, f'[hosts."{registry.host}"]\nskip_verfy = true\n')
         sighup(d)
@@ -425,6 +421,7 @@ def test_broken_config_keeps_the_previous_one_and_logs_an_error(node, registry, 
         proxy.stop()
 
 
+@pytest.mark.slow
 def test_sighup_with_a_mistyped_number_keeps_the_driver_alive(tmp_path):
     config = tmp_path / "registries.toml"
     config.write_text("max_attempts = 3\n")
@@ -758,6 +755,8 @@ class Disk:
     big_bytes: int  # declared bytes of "big"
 
 
+# The `disk` tests share one driver and store and build on each other in order:
+# they are all marked slow, so `-m "not slow"` leaves the chain out whole.
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory, registry) -> Iterator[Disk]:
     work = tmp_path_factory.mktemp("disk")
@@ -791,6 +790,7 @@ def disk(tmp_path_factory, registry) -> Iterator[Disk]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_budget_evicts_lru_but_never_a_published_tree(disk):
     d, state, dig = disk.driver, disk.state, disk.digests
     ta, tb, tc = (target_in(disk.work, n) for n in ("a", "b", "c"))
@@ -826,6 +826,7 @@ def test_budget_evicts_lru_but_never_a_published_tree(disk):
     assert {i["digest"]: i["volumes"] for i in status["images"]} == {dig["a"]: 1, dig["b"]: 1}
 
 
+@pytest.mark.slow
 def test_a_pull_that_can_never_fit_evicts_nothing(disk):
     d, state = disk.driver, disk.state
     t = target_in(disk.work, "small")
@@ -837,6 +838,7 @@ def test_a_pull_that_can_never_fit_evicts_nothing(disk):
     assert disk.digests["small"] in trees(state), "a cached tree was evicted for nothing"
 
 
+@pytest.mark.slow
 def test_cli_gc_all_removes_the_unused_but_not_the_published(disk):
     d, state, dig = disk.driver, disk.state, disk.digests
     ta, tb = target_in(disk.work, "a"), target_in(disk.work, "b")
@@ -856,6 +858,7 @@ def test_cli_gc_all_removes_the_unused_but_not_the_published(disk):
     d.start()
 
 
+@pytest.mark.slow
 def test_free_space_floor(disk):
     d, state = disk.driver, disk.state
     d.stop()
@@ -903,6 +906,7 @@ def test_cli_gc_brings_the_store_under_budget(registry, tmp_path):
 # == 6. pull policies with a moving tag ==========================================================
 
 
+@pytest.mark.slow
 def test_pull_policies_with_a_moving_tag(tmp_path):
     reg = Registry(tmp_path / "registry")
     config = tmp_path / "registries.toml"

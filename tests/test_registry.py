@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from support.images import File, Image, Layer, push_image
 
 from csi_oci.errors import IntegrityError, NotFound, RegistryError
-from csi_oci.manifest import OCI_MANIFEST, Descriptor
-from csi_oci.reference import parse_reference
-from csi_oci.registry import RegistryClient
+from csi_oci.oci.manifest import OCI_MANIFEST, Descriptor
+from csi_oci.oci.registry import RegistryClient
+from csi_oci.spec.reference import parse_reference
+from tests.support.images import File, Image, Layer, push_image
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from support.driver import Driver
-from support.images import Dir, File, Image, Layer, push_image
-from support.registry import INSTALL_HINT
+
+from tests.support.driver import Driver
+from tests.support.images import Dir, File, Image, Layer, push_image
+from tests.support.registry import INSTALL_HINT
 
 REPO = Path(__file__).resolve().parent.parent
 SANITY_BIN = REPO / ".cache" / "bin" / "csi-sanity"
@@ -63,6 +64,7 @@ def sanity_binary() -> Path:
     return Path(found)
 
 
+@pytest.mark.slow
 def test_csi_sanity(registry, tmp_path):
     img = Image([Layer([Dir("models"), File("models/config.json", b'{"sanity": true}')])])
     push_image(registry, img, "sanity/tiny:v1", tmp_path)

@@ -16,22 +16,23 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from support.driver import Driver, settled, wait_for
-from support.images import Dir, Entry, File, Image, Layer, Opaque, Whiteout, push_image
-from support.registry import Registry, free_port
 
-from csi_oci.attributes import parse_volume_attributes
-from csi_oci.puller import Puller
-from csi_oci.server import MAX_WORKERS
-from csi_oci.store import Store
-from csi_oci.volumes import LOCK_STRIPES, VolumeManager
+from csi_oci.csi.server import MAX_WORKERS
+from csi_oci.publish.locks import LOCK_STRIPES
+from csi_oci.publish.volumes import VolumeManager
+from csi_oci.pull.puller import Puller
+from csi_oci.spec.attributes import parse_volume_attributes
+from csi_oci.storage.store import Store
+from tests.support.driver import Driver, settled, wait_for
+from tests.support.images import Dir, Entry, File, Image, Layer, Opaque, Whiteout, push_image
+from tests.support.registry import Registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
@@ -42,19 +43,9 @@ LAYER_COUNT = 200
 
 # -- helpers -------------------------------------------------------------------------
 
-
-@pytest.fixture
-def driver(tmp_path: Path) -> Iterator[Driver]:
-    """A fresh driver (own state dir) per test, with /metrics on a free port.
-
-    Fresh, so "the store holds one tree" and the process's baseline
-    resources belong to this test alone.
-    """
-    port = free_port()
-    d = Driver(tmp_path / "driver", metrics_address=f"127.0.0.1:{port}")
-    d.metrics_port = port  # type: ignore[attr-defined]
-    yield d
-    d.stop()
+# Each test starts a fresh driver (own state dir; tests/conftest.py make_driver) with
+# /metrics on a free port: fresh, so "the store holds one tree" and the process's
+# baseline resources belong to that test alone.
 
 
 def report(what: str, **numbers: object) -> None:
@@ -144,7 +135,9 @@ def run_concurrently(call: Callable[[int], object], count: int) -> dict[int, Bas
 # -- 50 volumes of one image at once --------------------------------------------------
 
 
-def test_fifty_concurrent_publishes_of_an_uncached_image_pull_once(driver, registry, tmp_path):
+@pytest.mark.slow
+def test_fifty_concurrent_publishes_of_an_uncached_image_pull_once(make_driver, registry, tmp_path):
+    driver = make_driver(metrics=True)
     payload = {f"models/shard-{i}.bin": os.urandom(400_000) for i in range(3)}
     layers = [
         Layer([Dir("models"), File("models/shard-0.bin", payload["models/shard-0.bin"])]),
@@ -303,7 +296,9 @@ def settled_at_most(pid: int, before: dict[str, int]) -> dict[str, int]:
     return process_usage(pid)
 
 
-def test_a_thousand_cycles_leak_no_mounts_fds_threads_or_memory(driver, registry, tmp_path):
+@pytest.mark.slow
+def test_a_thousand_cycles_leak_no_mounts_fds_threads_or_memory(make_driver, registry, tmp_path):
+    driver = make_driver(metrics=True)
     image = Image([Layer([File("model.json", b'{"layers": 2}'), File("w.bin", os.urandom(4096))])])
     push_image(registry, image, "scale/cycles:v1", tmp_path)
     ref = f"{registry.host}/scale/cycles:v1"
@@ -359,7 +354,7 @@ def test_cycles_leave_no_per_target_lock_behind(registry, tmp_path):
         volumes.publish(f"vol-{n}", target, spec, None)
         volumes.unpublish(f"vol-{n}", target)
     assert mounts_under(root) == []
-    assert volumes._locks == {}  # the leak itself is in this private table
+    assert volumes.locks._locks == {}  # the leak itself is in this private table
 
 
 # -- a 200-layer image ------------------------------------------------------------------
@@ -439,7 +434,9 @@ def push_over_http(registry: Registry, image: Image, repo: str, tag: str) -> Non
         assert resp.status_code == 201, resp.text
 
 
-def test_a_200_layer_image_publishes_its_exact_final_tree(driver, registry, tmp_path):
+@pytest.mark.slow
+def test_a_200_layer_image_publishes_its_exact_final_tree(make_driver, registry, tmp_path):
+    driver = make_driver(metrics=True)
     compressions = ("gzip", "zstd", "none")
     contents = [layer_entries(i) for i in range(LAYER_COUNT)]
     layers = [Layer(e, compression=compressions[i % 3]) for i, e in enumerate(contents)]
@@ -472,6 +469,7 @@ def test_a_200_layer_image_publishes_its_exact_final_tree(driver, registry, tmp_
     )
 
 
+@pytest.mark.slow
 def test_a_publish_that_missed_the_tree_by_a_moment_joins_the_finished_pull(registry, tmp_path):
     """Regression: a second download when a pull finished under a publish's feet.
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import Driver
-from support.hostile import image_config, image_manifest, push_manifest
-from support.images import File, Image, Layer, push_image, sha256_digest
+
+from tests.support.driver import Driver
+from tests.support.hostile import image_config, image_manifest, push_manifest
+from tests.support.images import File, Image, Layer, push_image, sha256_digest
 
 MiB = 1 << 20
 CACHE = 64 * MiB
@@ -49,21 +50,18 @@ def trees(state: Path) -> set[str]:
 
 
 @pytest.fixture
-def cached_victim(registry, tmp_path):
+def cached_victim(registry, make_driver, tmp_path):
     """A driver with a 64 MiB cache holding one unused image (published, then unpublished)."""
     digest = push_image(
         registry, Image([Layer([File("weights.bin", b"victim" * 1000)])]), "victim/m:v1", tmp_path
     )
     ref = f"{registry.host}/victim/m:v1"
-    d = Driver(tmp_path / "drv", extra_args=["--cache-max-bytes", str(CACHE)])
+    d = make_driver("--cache-max-bytes", str(CACHE))  # stopped even if the setup fails
     t = target(tmp_path, "victim")
     d.publish(t, {"image": ref}, volume_id="victim")
     d.unpublish(t, volume_id="victim")
     assert digest in trees(d.state_dir)
-    try:
-        yield d, ref, digest
-    finally:
-        d.stop()
+    return d, ref, digest
 
 
 def assert_victim_survived(d: Driver, ref: str, digest: str, tmp_path: Path) -> None:
@@ -153,6 +151,7 @@ def bomb_image(registry, tmp_path_factory):
     return f"{registry.host}/hostile/dirs:v1"
 
 
+@pytest.mark.slow
 def test_a_directory_bomb_stops_at_the_entry_cap_and_evicts_nothing(registry, bomb_image, tmp_path):
     digest = push_image(
         registry, Image([Layer([File("weights.bin", b"victim" * 1000)])]), "victim/m:v1", tmp_path
@@ -175,6 +174,7 @@ def test_a_directory_bomb_stops_at_the_entry_cap_and_evicts_nothing(registry, bo
         d.stop()
 
 
+@pytest.mark.slow
 def test_a_directory_bomb_is_charged_a_block_per_directory(bomb_image, tmp_path):
     """16 MiB of cache is 4,096 entries at 4 KiB: refused long before 120,000 directories."""
     d = Driver(tmp_path / "drv", extra_args=["--cache-max-bytes", "16Mi"])
@@ -187,11 +187,12 @@ def test_a_directory_bomb_is_charged_a_block_per_directory(bomb_image, tmp_path)
         d.stop()
 
 
+@pytest.mark.slow
 def test_a_tree_counts_its_entries_in_the_cache(registry, tmp_path):
     """A committed tree's bytes include a block per entry, as its pull was charged."""
     import json
 
-    from csi_oci.applier import ENTRY_DISK_BYTES
+    from csi_oci.unpack.budget import ENTRY_DISK_BYTES
 
     files = [File(f"dir/f{i}", b"") for i in range(50)]
     push_image(registry, Image([Layer(files)]), "entries/m:v1", tmp_path)

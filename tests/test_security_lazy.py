@@ -16,14 +16,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import Driver, LazyServerProcess
-from support.hostile import rewrite_containers_toc, rewrite_estargz_toc, toc_entry
-from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image, skopeo_zstd_chunked
 
-from csi_oci.digest import Digest, parse_digest
 from csi_oci.errors import IntegrityError, InvalidArgument, InvalidLayer
-from csi_oci.lazy import LazyReader, open_toc
+from csi_oci.lazy.reader import LazyReader, open_toc
 from csi_oci.lazy.toc import Piece
+from csi_oci.spec.digest import Digest, parse_digest
+from tests.support.driver import Driver, LazyServerProcess
+from tests.support.hostile import rewrite_containers_toc, rewrite_estargz_toc, toc_entry
+from tests.support.lazyfixtures import (
+    estargz_blob,
+    make_layer_tar,
+    push_lazy_image,
+    skopeo_zstd_chunked,
+)
 
 SECRET = b"TOPSECRET host file content, never for a pod"
 FILES = {"a.txt": b"hello", "models/config.json": b'{"hidden_size": 64}'}
@@ -211,6 +216,7 @@ def assert_canaries_untouched(secret: Path, planted: Path, target: Path) -> None
         ("containers", "none", "external"),
     ],
 )
+@pytest.mark.slow
 def test_lazy_volume_never_reads_or_creates_host_files(
     registry, blobs, tmp_path, kind, prefetch, servers
 ):
@@ -348,7 +354,7 @@ def test_the_entry_budget_refuses_at_the_first_entry_too_many():
 
 def test_a_hardlink_to_a_directory_cannot_make_a_cycle(blobs, tmp_path):
     """`a/loop` hard-linked to `a`: the link count walk used to recurse forever."""
-    from csi_oci.lazyfs import LazyTree
+    from csi_oci.lazy.fs import LazyTree
 
     def edit(toc):
         toc["entries"].append({"name": "models/loop", "type": "hardlink", "linkName": "models/"})
@@ -369,7 +375,7 @@ def hwm():  # VmHWM: this process's own peak (ru_maxrss carries the forking pare
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-from csi_oci.lazy import open_toc
+from csi_oci.lazy.reader import open_toc
 from csi_oci.errors import CsiOciError
 meta = json.loads(open(sys.argv[1] + ".json").read())
 data = open(sys.argv[1], "rb").read()
@@ -377,8 +383,8 @@ fetch = lambda offset, length: data[offset : offset + length]
 base = hwm()
 try:
     toc = open_toc(meta["media_type"], meta["annotations"], len(data), fetch)
-    from csi_oci.lazy import LazyReader
-    from csi_oci.lazyfs import LazyTree
+    from csi_oci.lazy.reader import LazyReader
+    from csi_oci.lazy.fs import LazyTree
     tree = LazyTree([LazyReader(toc, fetch)])  # what the FUSE server then serves
     outcome = "served %d entries, %d nodes" % (len(toc.entries), len(tree.nodes))
 except CsiOciError as exc:
@@ -417,8 +423,9 @@ def _toc_bomb(kind: str, n: int) -> bytes:
 @pytest.mark.parametrize(
     ("kind", "n", "refused"),
     [
-        ("dirs", 300_000, True),  # over the entry budget
-        ("dirs", 249_000, False),  # just under it: the worst an image may cost
+        pytest.param("dirs", 300_000, True, marks=pytest.mark.slow),  # over the entry budget
+        # just under it: the worst an image may cost
+        pytest.param("dirs", 249_000, False, marks=pytest.mark.slow),
         ("whitespace", 40 << 20, True),  # over the JSON byte cap, tiny compressed
     ],
 )
@@ -432,6 +439,7 @@ def test_a_hostile_toc_keeps_a_fuse_server_small(blobs, tmp_path, kind, n, refus
     assert result["peak_mb"] < 260, result
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_for_a_toc_stops_at_the_cap(blobs, tmp_path):
     """The TOC member inflates to 512 MiB: the driver stops inflating at the cap."""
     import zlib

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.driver import Driver
-from support.hostile_server import HostileServer, Reply, Request, gzip_bomb, registry_ping
-from support.images import File, Image, Layer, push_image
-from support.mirrors import mirror_pair
-from support.registry import TEST_PASSWORD, TEST_USER
-from support.tlsutil import issue_server_cert, make_ca
 
-from csi_oci.egress import EgressPolicy, EgressRefused, check_redirect
+from csi_oci.oci.egress import EgressPolicy, EgressRefused, check_redirect
+from tests.support.driver import Driver
+from tests.support.hostile_server import HostileServer, Reply, Request, gzip_bomb, registry_ping
+from tests.support.images import File, Image, Layer, push_image
+from tests.support.mirrors import mirror_pair
+from tests.support.registry import TEST_PASSWORD, TEST_USER
+from tests.support.tlsutil import issue_server_cert, make_ca
 
 BOMB = 2 << 30  # inflated bytes; 2.1 MB on the wire
 MAX_RSS_MB = 300
@@ -51,7 +51,8 @@ def peak_rss_mb(d: Driver) -> float:
     raise AssertionError("no VmHWM")
 
 
-def driver(tmp_path: Path, config: str = "", name: str = "drv") -> Driver:
+def one_attempt_driver(tmp_path: Path, config: str = "", name: str = "drv") -> Driver:
+    """A driver of the test's own: one attempt per request (max_attempts = 1) and `config`."""
     path = tmp_path / f"{name}-registries.toml"
     path.write_text("max_attempts = 1\n" + config)
     return Driver(tmp_path / name, extra_args=["--registry-config", str(path)])
@@ -169,12 +170,13 @@ def zstd_manifest(request: Request) -> Reply:
         ("zstd manifest", lambda url: zstd_manifest, grpc.StatusCode.UNAVAILABLE, "zstd"),
     ],
 )
+@pytest.mark.slow
 def test_bodies_are_capped_and_the_driver_stays_small(
     registry, tmp_path, name, make_handler, code, words
 ):
     server = HostileServer(lambda r: Reply(500))
     server.handler = make_handler(server.url)
-    d = driver(tmp_path)
+    d = one_attempt_driver(tmp_path)
     try:
         victim = cache_an_unused_image(d, registry, tmp_path)
         err = publish_error(d, tmp_path, {"image": f"{server.host}/evil/model:v1"})
@@ -189,6 +191,7 @@ def test_bodies_are_capped_and_the_driver_stays_small(
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_declared_length_over_the_cap_is_refused_before_reading(tmp_path):
     def handler(request: Request) -> Reply:
         if (ping := registry_ping(request)) is not None:
@@ -197,7 +200,7 @@ def test_a_declared_length_over_the_cap_is_refused_before_reading(tmp_path):
 
     # A lying Content-Length with chunked bytes is malformed HTTP; the client sees the header.
     with HostileServer(handler) as server:
-        d = driver(tmp_path)
+        d = one_attempt_driver(tmp_path)
         try:
             err = publish_error(d, tmp_path, {"image": f"{server.host}/evil/m:v1"})
             assert "larger than" in err.details() or "connection" in err.details(), err.details()
@@ -232,7 +235,7 @@ def test_default_policy_allows_registries(address):
 
 
 def test_allow_makes_an_exception_to_the_deny_list():
-    from csi_oci.registry_config import parse_config
+    from csi_oci.oci.config import parse_config
 
     cfg = parse_config('[egress]\ndeny = ["10.9.0.0/16"]\nallow = ["169.254.20.10/32"]\n')
     assert cfg.egress.refuses("10.9.1.1") and cfg.egress.refuses("169.254.169.254")
@@ -257,7 +260,7 @@ def test_redirects_that_leave_http_or_downgrade_are_refused(src, dst):
 def test_a_registry_on_a_denied_address_is_never_contacted(registry, tmp_path):
     """127.0.0.2 stands in for the metadata service (it is loopback, so reachable here)."""
     listener = HostileServer(lambda r: Reply(200))
-    d = driver(tmp_path, '[egress]\ndeny = ["127.0.0.0/8"]\n')
+    d = one_attempt_driver(tmp_path, '[egress]\ndeny = ["127.0.0.0/8"]\n')
     try:
         err = publish_error(d, tmp_path, {"image": f"{listener.host}/evil/m:v1"})
         assert "refusing to connect" in err.details(), err.details()
@@ -270,7 +273,7 @@ def test_a_registry_on_a_denied_address_is_never_contacted(registry, tmp_path):
 def test_a_name_that_resolves_to_a_denied_address_is_refused(tmp_path):
     """The check is on the connected socket, after DNS: `localhost` is 127.0.0.1."""
     listener = HostileServer(lambda r: Reply(200))
-    d = driver(tmp_path, '[egress]\ndeny = ["127.0.0.1/32", "::1/128"]\n')
+    d = one_attempt_driver(tmp_path, '[egress]\ndeny = ["127.0.0.1/32", "::1/128"]\n')
     try:
         err = publish_error(d, tmp_path, {"image": f"localhost:{listener.port}/evil/m:v1"})
         assert "refusing to connect" in err.details(), err.details()
@@ -280,6 +283,7 @@ def test_a_name_that_resolves_to_a_denied_address_is_refused(tmp_path):
         listener.stop()
 
 
+@pytest.mark.slow
 def test_a_redirect_to_a_denied_address_is_refused(registry, tmp_path):
     """A registry may redirect blobs (presigned URLs): not to the metadata service."""
     victim_ip = "127.0.0.3"
@@ -291,7 +295,7 @@ def test_a_redirect_to_a_denied_address_is_refused(registry, tmp_path):
         return Reply(307, {"Location": f"http://{victim_ip}:{victim.port}/latest/meta-data"})
 
     server = HostileServer(handler)
-    d = driver(tmp_path, f'[egress]\ndeny = ["{victim_ip}/32"]\n')
+    d = one_attempt_driver(tmp_path, f'[egress]\ndeny = ["{victim_ip}/32"]\n')
     try:
         err = publish_error(d, tmp_path, {"image": f"{server.host}/evil/m:v1"})
         assert "refusing to connect" in err.details(), err.details()
@@ -302,6 +306,7 @@ def test_a_redirect_to_a_denied_address_is_refused(registry, tmp_path):
         victim.stop()
 
 
+@pytest.mark.slow
 def test_an_https_registry_cannot_redirect_to_plain_http(tmp_path):
     ca = make_ca(tmp_path / "pki")
     cert = issue_server_cert(ca, tmp_path / "pki")
@@ -314,7 +319,7 @@ def test_an_https_registry_cannot_redirect_to_plain_http(tmp_path):
 
     server = HostileServer(handler, tls=cert)
     config = f'[hosts."{server.host}"]\ninsecure = false\nca = "{ca.cert_path}"\n'
-    d = driver(tmp_path, config)
+    d = one_attempt_driver(tmp_path, config)
     try:
         err = publish_error(d, tmp_path, {"image": f"{server.host}/evil/m:v1"})
         assert "https is never downgraded" in err.details(), err.details()
@@ -328,6 +333,7 @@ def test_an_https_registry_cannot_redirect_to_plain_http(tmp_path):
 # -- token realms and credentials ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_credentials_go_to_a_realm_on_another_host_only_when_configured(token_registry, tmp_path):
     """The token registry's realm is 127.0.0.1; reached as `localhost`, that is another host."""
     push_image(
@@ -340,14 +346,16 @@ def test_credentials_go_to_a_realm_on_another_host_only_when_configured(token_re
     port = token_registry.host.rpartition(":")[2]
     image = f"localhost:{port}/realm/m:v1"
     secrets = {"username": TEST_USER, "password": TEST_PASSWORD}
-    d = driver(tmp_path)
+    d = one_attempt_driver(tmp_path)
     try:
         err = publish_error(d, tmp_path, {"image": image}, secrets=secrets)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
         assert "realm_hosts" in err.details() and "127.0.0.1" in err.details()
     finally:
         d.stop()
-    d = driver(tmp_path, f'[hosts."localhost:{port}"]\nrealm_hosts = ["127.0.0.1"]\n', "drv2")
+    d = one_attempt_driver(
+        tmp_path, f'[hosts."localhost:{port}"]\nrealm_hosts = ["127.0.0.1"]\n', "drv2"
+    )
     try:
         t = target(tmp_path, "configured")
         d.publish(t, {"image": image}, secrets=secrets)
@@ -357,6 +365,7 @@ def test_credentials_go_to_a_realm_on_another_host_only_when_configured(token_re
         d.stop()
 
 
+@pytest.mark.slow
 def test_a_username_password_secret_never_reaches_a_mirror(basic_registry, tmp_path):
     push_image(
         basic_registry,
@@ -369,7 +378,7 @@ def test_a_username_password_secret_never_reaches_a_mirror(basic_registry, tmp_p
         lambda r: Reply(401, {"WWW-Authenticate": 'Basic realm="give me your password"'})
     )
     config = f'[hosts."{basic_registry.host}"]\nmirrors = ["{mirror.url}"]\n'
-    d = driver(tmp_path, config)
+    d = one_attempt_driver(tmp_path, config)
     try:
         t = target(tmp_path, "m")
         d.publish(
@@ -389,6 +398,7 @@ def test_a_username_password_secret_never_reaches_a_mirror(basic_registry, tmp_p
         mirror.stop()
 
 
+@pytest.mark.slow
 def test_pull_policy_always_proves_access_at_the_registry_not_the_mirror(tmp_path):
     """A pull-through mirror pulls with its own credentials: a pod without a secret
     must not get a private image through it by digest when it asks for Always."""
@@ -404,7 +414,7 @@ def test_pull_policy_always_proves_access_at_the_registry_not_the_mirror(tmp_pat
         )
         image = f"{pair.upstream.host}/private/m@{digest}"
         config = f'[hosts."{pair.upstream.host}"]\nmirrors = ["{pair.mirror.url}"]\n'
-        d = driver(tmp_path, config)
+        d = one_attempt_driver(tmp_path, config)
         try:
             err = publish_error(d, tmp_path, {"image": image, "pullPolicy": "Always"})
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
@@ -425,9 +435,10 @@ def test_pull_policy_always_proves_access_at_the_registry_not_the_mirror(tmp_pat
             d.stop()
 
 
+@pytest.mark.slow
 def test_state_and_runtime_dirs_are_private_and_logs_0600(registry, tmp_path):
     """State and runtime dirs 0700, the credentials file and FUSE server logs 0600."""
-    from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
+    from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
 
     blob = estargz_blob(make_layer_tar({"w": b"weights"}), tmp_path / "blob")
     ref = push_lazy_image(registry, [blob], "perm/lazy:v1", tmp_path).reference

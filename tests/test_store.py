@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from csi_oci import store as store_mod
-from csi_oci.store import Store, read_json, write_json_atomic
+from csi_oci.storage import atomic as store_mod
+from csi_oci.storage.atomic import read_json, write_json_atomic
+from csi_oci.storage.store import Store
 
 DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
@@ -42,26 +43,26 @@ def test_tag_record_is_written_once_per_change_and_never_fsynced(
 ) -> None:
     """A cached publish must not rewrite (and wait on) an unchanged tag record."""
     store = Store(tmp_path)
-    store.remember_ref("reg.example/m:v1", "linux/amd64", DIGEST_A)
+    store.tags.remember("reg.example/m:v1", "linux/amd64", DIGEST_A)
     path = next(store.refs.iterdir())
     first = path.stat()
-    store.remember_ref("reg.example/m:v1", "linux/amd64", DIGEST_A)
+    store.tags.remember("reg.example/m:v1", "linux/amd64", DIGEST_A)
     again = path.stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
-    store.remember_ref("reg.example/m:v1", "linux/amd64", DIGEST_B)
-    assert store.lookup_ref("reg.example/m:v1", "linux/amd64") == DIGEST_B
-    assert store.lookup_ref("reg.example/m:v1", "linux/arm64") is None
+    store.tags.remember("reg.example/m:v1", "linux/amd64", DIGEST_B)
+    assert store.tags.lookup("reg.example/m:v1", "linux/amd64") == DIGEST_B
+    assert store.tags.lookup("reg.example/m:v1", "linux/arm64") is None
     assert fsyncs == []
 
 
 @pytest.mark.parametrize("torn", [b"", b'{"reference": "reg.example/m:v1", "dig', b"\0" * 64])
 def test_tag_record_torn_by_a_power_loss_is_ignored(tmp_path: Path, torn: bytes) -> None:
     store = Store(tmp_path)
-    store.remember_ref("reg.example/m:v1", "linux/amd64", DIGEST_A)
+    store.tags.remember("reg.example/m:v1", "linux/amd64", DIGEST_A)
     path = next(store.refs.iterdir())
     path.write_bytes(torn)
-    assert store.lookup_ref("reg.example/m:v1", "linux/amd64") is None
-    store.remember_ref("reg.example/m:v1", "linux/amd64", DIGEST_A)  # rewritten, not trusted
+    assert store.tags.lookup("reg.example/m:v1", "linux/amd64") is None
+    store.tags.remember("reg.example/m:v1", "linux/amd64", DIGEST_A)  # rewritten, not trusted
     assert json.loads(path.read_text())["digest"] == DIGEST_A
 
 

@@ -12,15 +12,14 @@ import pytest
 import zstandard
 
 from csi_oci.errors import IntegrityError, InvalidLayer
-from csi_oci.manifest import Compression
-from csi_oci.streams import (
-    CHUNK,
+from csi_oci.stream.inflate import (
     MAX_ZSTD_WINDOW,
+    Compression,
     GzipReader,
-    VerifyingReader,
     ZstdReader,
     decompressor,
 )
+from csi_oci.stream.verify import CHUNK, VerifyingReader
 
 
 def sha256(data: bytes) -> str:

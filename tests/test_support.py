@@ -11,7 +11,8 @@ import uuid
 import pytest
 import requests
 import zstandard
-from support.images import (
+
+from tests.support.images import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MEDIA_TYPE_INDEX,
@@ -36,7 +37,7 @@ from support.images import (
     sha256_digest,
     write_oci_layout,
 )
-from support.registry import (
+from tests.support.registry import (
     TEST_PASSWORD,
     TEST_USER,
     Registry,

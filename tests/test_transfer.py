@@ -29,9 +29,19 @@ from email.utils import format_datetime
 
 import grpc
 import pytest
-from support.artifacts import Artifact, Blob, digest_of, oras_files, push_artifact
-from support.driver import Driver, tree_of
-from support.faultproxy import (
+
+from csi_oci.errors import IntegrityError, RegistryError
+from csi_oci.oci import registry as registry_mod
+from csi_oci.oci.config import RegistryConfig
+from csi_oci.oci.manifest import Descriptor
+from csi_oci.oci.registry import RegistryClient
+from csi_oci.oci.transfer import RetryPolicy, TransientError, parse_retry_after
+from csi_oci.spec.credentials import Credentials
+from csi_oci.spec.reference import parse_reference
+from csi_oci.stream.verify import VerifyingReader
+from tests.support.artifacts import Artifact, Blob, digest_of, oras_files, push_artifact
+from tests.support.driver import Driver, tree_of
+from tests.support.faultproxy import (
     Cut,
     FaultProxy,
     RecordingBlobServer,
@@ -47,19 +57,9 @@ from support.faultproxy import (
     status,
     truncate,
 )
-from support.images import File, Image, Layer, push_image
-from support.registry import TEST_PASSWORD, TEST_USER, Registry
-from support.tokenserver import TokenServer
-
-from csi_oci import registry as registry_mod
-from csi_oci.credentials import Credentials
-from csi_oci.errors import IntegrityError, RegistryError
-from csi_oci.manifest import Descriptor
-from csi_oci.reference import parse_reference
-from csi_oci.registry import RegistryClient
-from csi_oci.registry_config import RegistryConfig
-from csi_oci.streams import VerifyingReader
-from csi_oci.transfer import RetryPolicy, TransientError, parse_retry_after
+from tests.support.images import File, Image, Layer, push_image
+from tests.support.registry import TEST_PASSWORD, TEST_USER, Registry
+from tests.support.tokenserver import TokenServer
 
 MiB = 1 << 20
 CONFIG_TYPE = "application/vnd.example.transfer.config.v1+json"
@@ -228,35 +228,10 @@ def report(what: str, ratio: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    """The driver for scenarios that end in success (they do not need an empty store)."""
-    d = Driver(
-        tmp_path_factory.mktemp("transfer"),
-        extra_args=["--first-byte-timeout", "10", "--blob-parallelism", "4"],
-    )
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def fresh_driver(tmp_path):
-    """Factory: a driver of its own (empty store), optional registry config TOML."""
-    started: list[Driver] = []
-
-    def make(*extra: str, config: str | None = None) -> Driver:
-        args = list(extra)
-        n = len(started)
-        if config is not None:
-            path = tmp_path / f"registries-{n}.toml"
-            path.write_text(config)
-            args += ["--registry-config", str(path)]
-        d = Driver(tmp_path / f"driver-{n}", extra_args=args)
-        started.append(d)
-        return d
-
-    yield make
-    for d in started:
-        d.stop()
+def driver_args():
+    """The module's ``driver`` (tests/conftest.py) serves the scenarios that end in
+    success (they do not need an empty store); those that need one use make_driver."""
+    return ["--first-byte-timeout", "10", "--blob-parallelism", "4"]
 
 
 @pytest.fixture
@@ -286,6 +261,7 @@ def push_raw(registry: Registry, label: str, size: int, name: str = "w.bin"):
 
 
 @needs_root
+@pytest.mark.slow
 def test_cuts_resume_a_raw_blob(driver, registry, proxy, tmp_path):
     repo_tag, files, layer, art = push_raw(registry, "cut-raw", 32 * MiB, "model.bin")
     proxy.set_scenario(cut(times=5, seed=7))
@@ -296,6 +272,7 @@ def test_cuts_resume_a_raw_blob(driver, registry, proxy, tmp_path):
 
 
 @needs_root
+@pytest.mark.slow
 def test_cuts_resume_gzip_image_layers(driver, registry, proxy, tmp_path):
     # Two layers: the first is streamed into the tree, the second spooled ahead.
     a, b = data_for("cut-image-a", 3 * MiB), data_for("cut-image-b", 2 * MiB)
@@ -327,6 +304,7 @@ def test_server_errors_are_retried(driver, registry, proxy, tmp_path, code):
 
 
 @needs_root
+@pytest.mark.slow
 def test_429_waits_for_retry_after(driver, registry, proxy, tmp_path):
     repo_tag, files, layer, _ = push_raw(registry, "status-429", 256 * 1024)
     spy = Spy(proxy)
@@ -342,8 +320,9 @@ def test_429_waits_for_retry_after(driver, registry, proxy, tmp_path):
 
 
 @needs_root
-def test_status_beyond_max_attempts_is_unavailable(fresh_driver, registry, proxy, tmp_path):
-    d = fresh_driver(config="max_attempts = 3\n")
+@pytest.mark.slow
+def test_status_beyond_max_attempts_is_unavailable(make_driver, registry, proxy, tmp_path):
+    d = make_driver(config="max_attempts = 3\n")
     repo_tag, files, layer, _ = push_raw(registry, "status-persists", 256 * 1024)
     ref = f"{proxy.host}/{repo_tag}"
     proxy.set_scenario(only(layer, status(503, times=None)))
@@ -363,6 +342,7 @@ def test_status_beyond_max_attempts_is_unavailable(fresh_driver, registry, proxy
 
 
 @needs_root
+@pytest.mark.slow
 def test_first_byte_stall_within_timeout_succeeds(driver, registry, proxy, tmp_path):
     # `driver` runs with --first-byte-timeout 10.
     repo_tag, files, layer, _ = push_raw(registry, "stall-ok", 256 * 1024)
@@ -375,8 +355,9 @@ def test_first_byte_stall_within_timeout_succeeds(driver, registry, proxy, tmp_p
 
 
 @needs_root
-def test_first_byte_stall_beyond_timeout_is_unavailable(fresh_driver, registry, proxy, tmp_path):
-    d = fresh_driver("--first-byte-timeout", "1", config="max_attempts = 2\n")
+@pytest.mark.slow
+def test_first_byte_stall_beyond_timeout_is_unavailable(make_driver, registry, proxy, tmp_path):
+    d = make_driver("--first-byte-timeout", "1", config="max_attempts = 2\n")
     repo_tag, files, layer, _ = push_raw(registry, "stall-timeout", 256 * 1024)
     ref = f"{proxy.host}/{repo_tag}"
     proxy.set_scenario(only(layer, stall_first_byte(3)))
@@ -430,8 +411,9 @@ def _push_for_corruption(registry, kind, tmp_path):
 
 @needs_root
 @pytest.mark.parametrize("kind", ["raw", "image"])
-def test_corrupt_byte_is_data_loss_and_nothing_kept(fresh_driver, registry, proxy, tmp_path, kind):
-    d = fresh_driver()
+@pytest.mark.slow
+def test_corrupt_byte_is_data_loss_and_nothing_kept(make_driver, registry, proxy, tmp_path, kind):
+    d = make_driver()
     repo_tag, files, layer = _push_for_corruption(registry, kind, tmp_path)
     ref = f"{proxy.host}/{repo_tag}"
     proxy.set_scenario(only(layer, corrupt(offset=100_000)))
@@ -462,6 +444,7 @@ def test_truncated_body_is_resumed(driver, registry, proxy, tmp_path):
 
 
 @needs_root
+@pytest.mark.slow
 def test_truncation_every_time_still_progresses(driver, registry, proxy, tmp_path):
     # Every answer is cut after size/8 bytes: eight failures in a row, more than
     # the default six attempts, but each one brings bytes, so each resets the count.
@@ -474,10 +457,11 @@ def test_truncation_every_time_still_progresses(driver, registry, proxy, tmp_pat
 
 
 @needs_root
-def test_truncation_without_progress_fails_cleanly(fresh_driver, registry, proxy, tmp_path):
+@pytest.mark.slow
+def test_truncation_without_progress_fails_cleanly(make_driver, registry, proxy, tmp_path):
     # A server that ignores Range and drops every connection at the same byte:
     # after the first answer nothing new ever arrives.
-    d = fresh_driver(config="max_attempts = 3\n")
+    d = make_driver(config="max_attempts = 3\n")
     size = 1 * MiB
     repo_tag, files, layer, _ = push_raw(registry, "truncate-stuck", size)
     ref = f"{proxy.host}/{repo_tag}"
@@ -541,8 +525,9 @@ def test_parallel_ranges(driver, registry, proxy, big, tmp_path):
 
 
 @needs_root
-def test_parallel_ranges_fall_back_when_range_is_ignored(fresh_driver, registry, big, tmp_path):
-    d = fresh_driver("--blob-parallelism", "4")
+@pytest.mark.slow
+def test_parallel_ranges_fall_back_when_range_is_ignored(make_driver, registry, big, tmp_path):
+    d = make_driver("--blob-parallelism", "4")
     digest = digest_of(big)
     with FaultProxy(registry.url, ignore_range()) as proxy:
         assert publish_tree(d, tmp_path, f"{proxy.host}/transfer/big:v1") == {"big.bin": big}
@@ -558,6 +543,7 @@ def test_parallel_ranges_fall_back_when_range_is_ignored(fresh_driver, registry,
 
 
 @needs_root
+@pytest.mark.slow
 def test_token_expiring_mid_pull_is_renewed(driver, tmp_path):
     tokens = TokenServer(
         username=TEST_USER, password=TEST_PASSWORD, expires_in=2, workdir=tmp_path / "tokens"

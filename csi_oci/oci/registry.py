@@ -43,6 +43,7 @@ import oras.auth
 import oras.provider
 import requests
 
+from csi_oci import __version__
 from csi_oci.errors import AuthError, CsiOciError, IntegrityError, NotFound, RegistryError
 from csi_oci.oci.bodies import (
     ACCEPT_ENCODING,
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("oras").setLevel(logging.CRITICAL)
 
 CONNECT_TIMEOUT = 10.0
-USER_AGENT = "csi-oci/0.1"
+USER_AGENT = f"csi-oci/{__version__}"
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 PARALLEL_MIN_BYTES = 64 << 20  # below this one stream is as fast
 RANGE_CHUNK = 16 << 20

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.registry import Registry
+
+from tests.support.registry import Registry
 
 from .forward import Forwarder
 from .kube import NS, REPO, kubectl, wait_until

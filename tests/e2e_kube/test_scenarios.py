@@ -18,15 +18,18 @@ from pathlib import Path
 
 import pytest
 import requests
-from support.images import File, Image, Layer, push_image
-from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
-from support.producers import modctl_push
-from support.registry import TEST_PASSWORD, TEST_USER, Registry
+
+from tests.support.images import File, Image, Layer, push_image
+from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
+from tests.support.producers import modctl_push
+from tests.support.registry import TEST_PASSWORD, TEST_USER, Registry
 
 from . import kube
 from .conftest import wait_driver_ready
 from .forward import Forwarder
 from .kube import NS, apply, delete, exec_pod, inline, reader_pod, sha256_tree, wait_running
+
+pytestmark = pytest.mark.e2e
 
 STORE = Path("/var/lib/csi-oci/images/sha256")
 PODS_DIR = "/var/lib/kubelet/pods"

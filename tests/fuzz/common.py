@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 from csi_oci.errors import CsiOciError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TESTS_DIR = REPO_ROOT / "tests"
 CACHE = REPO_ROOT / ".cache"
 SEEDS_ROOT = CACHE / "fuzz-seeds"
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
@@ -68,12 +67,6 @@ def attempt(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         return fn(*args, **kwargs)
     except CsiOciError:
         return None
-
-
-def support_path() -> None:
-    """Make tests/support importable as ``support`` (as pytest's conftest does)."""
-    if str(TESTS_DIR) not in sys.path:
-        sys.path.insert(0, str(TESTS_DIR))
 
 
 # -- the finding rule -----------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any
 import zstandard
 
 from . import TARGETS
-from .common import SEEDS_ROOT, support_path
+from .common import SEEDS_ROOT
 
 SEEDS_VERSION = "4"
 STAMP = SEEDS_ROOT / "STAMP"
@@ -78,8 +78,7 @@ class Seeds:
 
 def layer_tars() -> list[tuple[str, bytes]]:
     """Small layer tars of every entry kind (tests/support builders, PAX format)."""
-    support_path()
-    from support.images import (
+    from tests.support.images import (
         CharDevice,
         Dir,
         Fifo,
@@ -90,7 +89,7 @@ def layer_tars() -> list[tuple[str, bytes]]:
         Whiteout,
         build_tar,
     )
-    from support.lazyfixtures import make_layer_tar, trim_tar
+    from tests.support.lazyfixtures import make_layer_tar, trim_tar
 
     basic = make_layer_tar(
         {
@@ -185,8 +184,7 @@ def _estargz_offset(blob: bytes) -> int:
 
 
 def gen_lazy(seeds: Seeds, work: Path, tars: list[tuple[str, bytes]]) -> None:
-    support_path()
-    from support.lazyfixtures import ZSTD_MANIFEST_POSITION, estargz_blob, skopeo_zstd_chunked
+    from tests.support.lazyfixtures import ZSTD_MANIFEST_POSITION, estargz_blob, skopeo_zstd_chunked
 
     from .lazy_common import (
         estargz_toc_json,
@@ -361,18 +359,17 @@ class _Harvest:
 
 
 def gen_remote(seeds: Seeds, work: Path, tars: list[tuple[str, bytes]]) -> None:
-    support_path()
-    from support.images import File, Image, Index, Layer, Symlink, push_image
-    from support.lazyfixtures import estargz_blob, push_lazy_image, skopeo_zstd_chunked
-    from support.producers import (
+    from tests.support.images import File, Image, Index, Layer, Symlink, push_image
+    from tests.support.lazyfixtures import estargz_blob, push_lazy_image, skopeo_zstd_chunked
+    from tests.support.producers import (
         kit_push,
         modctl_push,
         oras_push_dir,
         oras_push_files,
         oraspy_push_files,
     )
-    from support.registry import TEST_PASSWORD, TEST_USER, Registry
-    from support.tokenserver import TokenServer
+    from tests.support.registry import TEST_PASSWORD, TEST_USER, Registry
+    from tests.support.tokenserver import TokenServer
 
     with contextlib.ExitStack() as stack:
         reg = Registry(work / "registry")

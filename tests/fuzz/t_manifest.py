@@ -11,9 +11,9 @@ Manifests arrive verified against their digest, so none is re-sealed here.
 
 from __future__ import annotations
 
-from csi_oci.attributes import Platform
-from csi_oci.lazy import lazy_format, zstdchunked
-from csi_oci.manifest import (
+from csi_oci.lazy import zstdchunked
+from csi_oci.lazy.reader import lazy_format
+from csi_oci.oci.manifest import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -25,7 +25,8 @@ from csi_oci.manifest import (
     parse_manifest,
     select_platform,
 )
-from csi_oci.packaging import plan_for
+from csi_oci.oci.packaging import plan_for
+from csi_oci.spec.attributes import Platform
 
 from .common import attempt, split
 

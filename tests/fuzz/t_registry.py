@@ -33,14 +33,14 @@ from typing import Any
 
 import requests
 
-from csi_oci import manifest as manifest_mod
-from csi_oci import registry, transfer
-from csi_oci.reference import parse_reference
+from csi_oci.oci import manifest as manifest_mod
+from csi_oci.oci import registry, transfer
+from csi_oci.spec.reference import parse_reference
 
 from .common import attempt, response, split
 
 try:
-    from csi_oci import httpbody
+    from csi_oci.oci import bodies as httpbody
 except ImportError:  # before the bounded reader existed
     httpbody = None  # type: ignore[assignment]
 
@@ -78,7 +78,7 @@ MAX_LEN = 8 << 10
 STATUSES = (200, 401, 403, 404, 400, 429, 500, 503, 206, 416, 502, 418, 201, 307)
 ENCODINGS = (None, "gzip", "deflate", "gzip")
 # Loopback, as the seeds' registry and token realm are: a realm on the registry's own host
-# may be asked for a token (csi_oci.registry checks that), so the seeds reach the parse.
+# may be asked for a token (csi_oci.oci.registry checks that), so the seeds reach the parse.
 REFERENCE = "127.0.0.1:5000/fuzz/repo:latest"
 
 _client: Any = None

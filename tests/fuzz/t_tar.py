@@ -31,10 +31,11 @@ from pathlib import Path
 
 import zstandard
 
-from csi_oci.applier import IMAGE_POLICY, LayerApplier, Limits, Policy
-from csi_oci.attributes import include_matcher
-from csi_oci.manifest import Compression
-from csi_oci.streams import VerifyingReader, decompressor
+from csi_oci.spec.attributes import include_matcher
+from csi_oci.stream.inflate import Compression, decompressor
+from csi_oci.stream.verify import VerifyingReader
+from csi_oci.unpack.applier import IMAGE_POLICY, LayerApplier, Policy
+from csi_oci.unpack.budget import Limits
 
 from .common import ContainmentError, scratch_root, sha256
 from .tarfix import fix_checksums

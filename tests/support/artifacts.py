@@ -18,7 +18,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from support.registry import Registry
+from tests.support.registry import Registry
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,15 @@ MOUNT_CAP = csi_pb2.VolumeCapability(
 
 
 class Driver:
-    """A `csi-oci serve` process with gRPC stubs bound to its socket."""
+    """A `csi-oci serve` process with gRPC stubs bound to its socket.
+
+    Used by the tests (tests/conftest.py: ``driver``, ``make_driver``), the
+    demo (hack/demo.py) and the benchmark (bench/).  ``metrics_address=None``
+    leaves ``--metrics-address`` out (the driver's own default); ``program`` is
+    the command that runs csi-oci (default: this interpreter, ``-m
+    csi_oci.cli``); ``new_session`` starts it in a session of its own (no
+    terminal signals, and it may outlive this process).
+    """
 
     def __init__(
         self,
@@ -37,7 +46,10 @@ class Driver:
         state_dir: Path | None = None,
         extra_args: list[str] | None = None,
         node_id: str = "test-node",
-        metrics_address: str = "",
+        metrics_address: str | None = "",
+        program: Sequence[str] | None = None,
+        new_session: bool = False,
+        start_timeout: float = 30,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -50,15 +62,17 @@ class Driver:
         # Off unless asked for: the default port (:9808) would clash between
         # drivers running at once (and with other test runs on the machine).
         self.metrics_address = metrics_address
+        self.program = list(program or [sys.executable, "-m", "csi_oci.cli"])
+        self.new_session = new_session
+        self.start_timeout = start_timeout
+        self.cmd: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
         self.start()
 
     def start(self) -> None:
         cmd = [
-            sys.executable,
-            "-m",
-            "csi_oci.cli",
+            *self.program,
             "serve",
             "--state-dir",
             str(self.state_dir),
@@ -68,25 +82,43 @@ class Driver:
             self.node_id,
             "--mode",
             self.mode,
-            "--metrics-address",
-            self.metrics_address,
-            *self.extra_args,
         ]
+        if self.metrics_address is not None:
+            cmd += ["--metrics-address", self.metrics_address]
+        self.cmd = cmd = [*cmd, *self.extra_args]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self.new_session,
+        )
         log.close()
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=30)
-        except grpc.FutureTimeoutError:
+        ready = grpc.channel_ready_future(self.channel)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                ready.result(timeout=0.1)
+                break
+            except grpc.FutureTimeoutError:
+                code = self.proc.poll()
+                if code is None and time.monotonic() < deadline:
+                    continue
             self.kill()
-            raise RuntimeError(f"driver did not start:\n{self.log_text()[-3000:]}") from None
+            why = f" (exited with code {code})" if code is not None else ""
+            raise RuntimeError(f"driver did not start{why}:\n{self.log_text()[-3000:]}")
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last `lines` lines of the driver's log."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM and wait: the clean shutdown path."""
@@ -263,7 +295,7 @@ def fuse_pids(state_dir: Path) -> list[int]:
     for pid_file in (state_dir / "lazy").glob("*/server.pid"):
         pid = int(pid_file.read_text())
         try:
-            if b"csi_oci.lazyfs" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"csi_oci.lazy.fs" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
         except OSError:
             continue  # exited

@@ -1,18 +1,16 @@
-"""Pieces the hack/bench*.py scripts share: cache dropping, a stopwatch that
+"""Pieces the benchmark's modules share: cache dropping, a stopwatch that
 also counts the machine's CPU, and a timed publish through a real `csi-oci serve`."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the test support: registry, driver, images
+from tests.support.driver import Driver
 
-from support.driver import Driver  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def drop_caches() -> bool:
@@ -45,7 +43,7 @@ class Stopwatch:
     """Wall seconds and the machine's CPU seconds over a `with` block."""
 
     # Called with True as the timed window opens and False as it closes:
-    # hack/bench_profile.py switches a system-wide profiler on for exactly the
+    # bench/profile.py switches a system-wide profiler on for exactly the
     # window (not the tool's start-up or the check of its output).
     on_window: Callable[[bool], None] | None = None
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import REPO, Stopwatch
-from support.driver import Driver
+from bench.lib import REPO, Stopwatch
+from tests.support.driver import Driver
 
 BIN = REPO / ".cache" / "bin"
 EXTRACT_FLAGS = {

@@ -36,14 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "hack"))
-
-import bench_limits  # noqa: E402
-import bench_report  # noqa: E402
-from bench_models import LAZY_PACKAGINGS, PACKAGINGS, Pushed, build_and_push, make_model  # noqa: E402
-from bench_tools import (  # noqa: E402
+from bench import limits as bench_limits
+from bench import report as bench_report
+from bench.lib import drop_caches
+from bench.models import LAZY_PACKAGINGS, PACKAGINGS, Pushed, build_and_push, make_model
+from bench.tools import (
     Run,
     Runner,
     clean,
@@ -53,8 +50,9 @@ from bench_tools import (  # noqa: E402
     peers_for,
     warm,
 )
-from benchlib import drop_caches  # noqa: E402
-from support.registry import Registry  # noqa: E402
+from tests.support.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def say(msg: str) -> None:
@@ -171,7 +169,9 @@ def measure_limits(
 
 def main() -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="hack/bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size-mib", type=int, default=4096, help="model size (default 4096)")
     p.add_argument("--shards", type=int, default=8, help="weight files (default 8)")

@@ -1,14 +1,14 @@
 """Where the machine's CPU goes while csi-oci and `oras pull` fetch the raw artifact.
 
-    .venv/bin/python hack/bench_profile.py                 # 4 GiB, as hack/bench
-    .venv/bin/python hack/bench_profile.py --size-mib 1024
+    .venv/bin/python -m bench.profile                 # 4 GiB, as hack/bench
+    .venv/bin/python -m bench.profile --size-mib 1024
 
 The raw artifact is the packaging whose benchmark target (1.2x `oras pull`)
 is missed; this shows why with a profile rather than a guess. It pushes the
 model to a loopback registry like hack/bench, then for each tool drops the
 page cache, re-reads the registry's blobs, and records every CPU with
 `perf record -a` (the software cpu-clock: this VM has no hardware counters)
-during exactly the timed window (benchlib.Stopwatch.on_window). The report
+during exactly the timed window (bench.lib.Stopwatch.on_window). The report
 gives CPU seconds by process or thread (the driver's pipeline threads carry
 their stage's name), by shared object, and the hottest symbols, so each
 tool's cost splits into hashing, the kernel's copies, the registry and
@@ -27,12 +27,10 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_models import Pusher, make_model, push_raw
-from bench_tools import Run, clean, csi_oci_unpack, oras_pull, warm
-from benchlib import REPO, Stopwatch, drop_caches
-from support.registry import Registry
+from bench.lib import REPO, Stopwatch, drop_caches
+from bench.models import Pusher, make_model, push_raw
+from bench.tools import Run, clean, csi_oci_unpack, oras_pull, warm
+from tests.support.registry import Registry
 
 FREQ = 999  # samples per second per CPU
 TOOLS = {"csi-oci publish": csi_oci_unpack, "oras pull": oras_pull}
@@ -156,7 +154,9 @@ def report(perf: str, data: Path, tool: str, run: Run, top: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size-mib", type=int, default=4096)
     p.add_argument("--shards", type=int, default=8)

@@ -1,6 +1,6 @@
 """Lazy vs unpack on a large model image (measured, never asserted).
 
-    .venv/bin/python hack/bench_lazy.py --size-mib 2048 --files 4
+    .venv/bin/python -m bench.lazy --size-mib 2048 --files 4
 
 Builds an eStargz image of safetensors-like shards (random data) plus a small
 config.json with stargz-snapshotter's estargz module (hack/tools/estargz-gen,
@@ -24,14 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # reuse the test support
-sys.path.insert(0, str(REPO / "hack"))
+from bench.lib import drop_caches
+from tests.support.driver import Driver
+from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
+from tests.support.registry import Registry
 
-from benchlib import drop_caches  # noqa: E402
-from support.driver import Driver  # noqa: E402
-from support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image  # noqa: E402
-from support.registry import Registry  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def read_all(path: Path) -> float:
@@ -57,7 +55,9 @@ def mmap_all(path: Path) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.lazy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size-mib", type=int, default=2048)
     p.add_argument("--files", type=int, default=4)

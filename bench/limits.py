@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-from benchlib import Stopwatch
+
+from bench.lib import Stopwatch
 
 MIB = 1 << 20
 

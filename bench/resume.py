@@ -2,7 +2,7 @@
 
 Separate from the tests: measured here, never asserted.
 
-    .venv/bin/python hack/bench_resume.py --size-mib 1024 --cuts 5
+    .venv/bin/python -m bench.resume --size-mib 1024 --cuts 5
 
 Pushes one raw blob (an ORAS file artifact) to a loopback CNCF distribution
 registry, puts tests/support/faultproxy.py in front of it cutting the
@@ -22,14 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # reuse the test support
-sys.path.insert(0, str(REPO / "hack"))
+from bench.lib import timed_publish
+from tests.support.artifacts import oras_files, push_artifact
+from tests.support.faultproxy import Cut, FaultProxy
+from tests.support.registry import Registry
 
-from benchlib import timed_publish  # noqa: E402
-from support.artifacts import oras_files, push_artifact  # noqa: E402
-from support.faultproxy import Cut, FaultProxy  # noqa: E402
-from support.registry import Registry  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 class CutLargeBodies(Cut):
@@ -51,7 +49,9 @@ def publish(proxy: FaultProxy, repo_tag: str, work: Path) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.resume",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--cuts", type=int, default=5)
