@@ -9,8 +9,6 @@ here: the endpoint reads them (csi_oci.telemetry.endpoint).
 
 from __future__ import annotations
 
-import errno
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,7 +16,7 @@ from prometheus_client import (
     Histogram,
 )
 
-from csi_oci.errors import CsiOciError
+from csi_oci.errors import CsiOciError, is_out_of_space
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -123,7 +121,7 @@ def error_reason(exc: BaseException) -> str:
     """The `reason` label of an error (see errors.py: every class names one)."""
     if isinstance(exc, CsiOciError):
         return exc.reason
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_out_of_space(exc):
         return "out_of_space"
     return "internal"
 
