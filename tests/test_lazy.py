@@ -9,6 +9,7 @@ prefix are made by rewriting those reference blobs."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 
 import pytest
@@ -123,13 +124,62 @@ def test_a_read_over_many_chunks_is_one_range_request(workdir, tmp_path):
     got = reader.read(name, 100_000, 1 << 20)  # about 17 chunks of 64 KiB
     assert got == FILES[name][100_000 : 100_000 + (1 << 20)]
     assert len(requests) == 1, requests
-    assert reader.cache_misses >= 16 and len(list((tmp_path / "pieces").iterdir())) >= 16
+    # The run reads ahead in the same file (a loader reads on), never past it.
+    start, length = requests[0]
+    piece_ends = [p.end for p in toc.entries[name].pieces]
+    assert length >= 1 << 20 and start + length <= max(piece_ends)
+    assert reader.cache_misses >= 16
+    # Verified bytes land in one file per layer, named by the TOC's digest.
+    assert [p.name for p in (tmp_path / "pieces").iterdir()] == [
+        f"layer-v1-{toc.toc_sha256}.data"
+    ]
     requests.clear()
-    assert reader.read(name, 100_000, 1 << 20) == got and requests == []  # all cached now
-    # pieces already cached split the runs: only the gaps are fetched
+    assert reader.read(name, 100_000, 1 << 20) == got and requests == []  # all landed now
+    # A new reader (a restart) checks what the file holds: only the gap is fetched.
     fresh = LazyReader(toc, fetch, cache_dir=tmp_path / "pieces")
     assert fresh.read(name, 0, 2 << 20) == FILES[name][: 2 << 20]
-    assert len(requests) == 2, requests  # before and after the cached stretch
+    assert len(requests) == 1 and requests[0][0] == toc.entries[name].pieces[0].offset, requests
+
+
+def test_no_piece_is_fetched_twice_by_reads_and_the_background_fill(workdir, tmp_path):
+    """Readers and the fill race over one layer: every piece crosses the network once."""
+    import threading
+
+    from csi_oci.lazy.prefetch import prefetch
+
+    blob = estargz_blob(TAR, workdir / "race", chunk_size=64 * 1024)
+    data = blob.blob
+    fetched: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def fetch(offset, length):
+        with lock:
+            fetched.append((offset, length))
+        return data[offset : offset + length]
+
+    toc = open_toc(blob.media_type, blob.annotations, len(data), fetch)
+    fetched.clear()
+    reader = LazyReader(toc, fetch, cache_dir=tmp_path / "race")
+    results: dict[str, bytes] = {}
+
+    def read(name: str) -> None:
+        out = bytearray()
+        for offset in range(0, len(FILES[name]), 128 * 1024):
+            out += reader.read(name, offset, 128 * 1024)
+        results[name] = bytes(out)
+
+    names = [n for n in FILES if FILES[n]]
+    threads = [threading.Thread(target=read, args=(n,)) for n in names]
+    threads.append(threading.Thread(target=prefetch, args=(reader, "all")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: FILES[n] for n in names}
+    covered = sorted(fetched)
+    for (a, n), (b, _m) in itertools.pairwise(covered):
+        assert a + n <= b, f"bytes {b}..{a + n} were fetched twice"
+    assert sum(n for _o, n in fetched) <= toc.toc_offset
 
 
 def test_estargz_legacy_47_byte_footer(workdir):
@@ -256,15 +306,23 @@ def test_disk_cache_is_verified_when_loaded(workdir, tmp_path):
     toc = open_toc(blob.media_type, blob.annotations, len(data), fetch)
     cache = tmp_path / "chunks"
     name = "models/model-00001-of-00002.safetensors"
-    assert LazyReader(toc, fetch, cache_dir=cache).read_all(name) == FILES[name]
-    assert len(list(cache.iterdir())) >= 5
+    first = LazyReader(toc, fetch, cache_dir=cache)
+    assert first.read_all(name) == FILES[name]
+    first.close()
+    (layer_file,) = cache.iterdir()
     fetches.clear()
     assert LazyReader(toc, fetch, cache_dir=cache).read_all(name) == FILES[name]
-    assert fetches == [], "a new reader (another volume, a restart) uses the disk cache"
-    victim = sorted(cache.iterdir())[0]
-    victim.write_bytes(b"torn or tampered")
-    assert LazyReader(toc, fetch, cache_dir=cache).read_all(name) == FILES[name]
-    assert len(fetches) == 1, "a damaged cache file is fetched again, never served"
+    assert fetches == [], "a new reader (another volume, a restart) uses the layer file"
+    # Tear the second piece as a crash (or anyone) might: it is fetched again, never served.
+    piece = toc.entries[name].pieces[1]
+    where = layer_file.read_bytes().find(FILES[name][piece.chunk_offset :][:64])
+    assert where > 0
+    with open(layer_file, "r+b") as f:
+        f.seek(where + 10)
+        f.write(b"torn or tampered")
+    reader = LazyReader(toc, fetch, cache_dir=cache)
+    assert reader.read_all(name) == FILES[name]
+    assert len(fetches) == 1 and fetches[0][0] == piece.offset, fetches
 
 
 def test_prefetch_merges_ranges_and_fills_the_cache(workdir, tmp_path):

@@ -351,6 +351,9 @@ def test_wrong_diff_id_in_config_is_refused(driver, registry, tmp_path):
     target = target_in(tmp_path)
     err = rpc_error(driver.publish, target, {"image": f"{registry.host}/node/baddiff:v1"})
     assert err.code() == grpc.StatusCode.DATA_LOSS and "diff_id" in err.details()
+    # The blob matched its digest: the image is inconsistent, not the registry wrong.
+    assert "config (rootfs.diff_ids) and this layer disagree" in err.details(), err.details()
+    assert "served wrong bytes" not in err.details()
     assert not target.exists()
 
     # --no-verify-diff-ids: the layer's own digest still pins its bytes.

@@ -12,6 +12,7 @@ end to end through NodePublishVolume with a real FUSE mount.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import grpc
@@ -156,22 +157,22 @@ def test_unedited_reference_blobs_still_read(blobs, tmp_path, kind):
     reader = LazyReader(toc, fetch_of(blob), cache_dir=tmp_path / "pieces")
     for name, data in FILES.items():
         assert reader.read_all(name) == data
-    # Pieces on disk are flat files named <algo>-<hex>, inside the cache dir only.
+    # Verified bytes land in one file inside the cache dir, named by the TOC's sha256 only.
     names = sorted(p.name for p in (tmp_path / "pieces").iterdir())
-    assert names and all(n.startswith(("sha256-", "sha512-")) and "/" not in n for n in names)
+    assert names == [f"layer-v1-{toc.toc_sha256}.data"]
+    assert re.fullmatch(r"[0-9a-f]{64}", toc.toc_sha256)
 
 
-def test_a_cached_piece_that_is_a_symlink_is_not_followed(blobs, tmp_path):
-    """Someone (or a bug) plants a symlink where a piece lives: never read through it."""
+def test_a_layer_file_that_is_a_symlink_is_not_followed(blobs, tmp_path):
+    """Someone (or a bug) plants a symlink where a layer file lives: never read
+    or written through it; the reader serves from a private file instead."""
     blob = blobs["estargz"]
     toc = open_toc(blob.media_type, blob.annotations, blob.size, fetch_of(blob))
     cache = tmp_path / "pieces"
     cache.mkdir()
-    piece = toc.entries["a.txt"].pieces[0]
-    assert piece.digest is not None
     secret = tmp_path / "secret"
-    secret.write_bytes(b"hello")  # even matching bytes: a link is not a piece
-    (cache / piece.digest.file_name).symlink_to(secret)
+    secret.write_bytes(b"hello")  # even matching bytes: a link is not our file
+    (cache / f"layer-v1-{toc.toc_sha256}.data").symlink_to(secret)
     reader = LazyReader(toc, fetch_of(blob), cache_dir=cache)
     assert reader.read_all("a.txt") == b"hello"
     assert reader.cache_misses == 1  # fetched from the blob, not read through the link
@@ -253,7 +254,7 @@ def test_lazy_volume_never_reads_or_creates_host_files(
         chunks = d.state_dir / "lazy" / "chunks"
         if chunks.exists():
             assert all(
-                p.name.startswith(("sha256-", "sha512-", ".piece-")) for p in chunks.iterdir()
+                re.fullmatch(r"layer-v1-[0-9a-f]{64}\.data", p.name) for p in chunks.iterdir()
             )
     finally:
         d.stop()

@@ -15,6 +15,7 @@ and checked against its chunkDigest before anyone sees a byte of it.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import tarfile
 import zlib
@@ -39,6 +40,7 @@ from csi_oci.lazy.toc import (
     normalize_name,
 )
 from csi_oci.spec.digest import Digest, parse_digest
+from csi_oci.stream.inflate import InflateError, new_inflater
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
@@ -81,11 +83,15 @@ def _hex_offset(raw: bytes) -> int:
 
 
 def gunzip_member(data: bytes, limit: int, what: str) -> bytes:
-    """The payload of the single gzip member at the start of `data`, at most `limit` bytes."""
-    d = zlib.decompressobj(wbits=31)
+    """The payload of the single gzip member at the start of `data`, at most `limit` bytes.
+
+    The unpack path's inflater (ISA-L where installed): about twice zlib's
+    speed on a 4 MiB member, with zlib's interface and the same output bound.
+    """
+    d = new_inflater()
     try:
-        out = d.decompress(data, limit)
-    except zlib.error as exc:
+        out: bytes = d.decompress(data, limit)
+    except (InflateError, zlib.error) as exc:
         raise InvalidLayer(f"{what}: corrupt gzip data: {exc}") from None
     return out
 
@@ -226,7 +232,9 @@ def parse_toc_json(
     for entry in data_entries:
         _settle_sizes(entry)
         check_coverage(entry, toc_offset)
-    return TOC(fmt, compression, entries, toc_offset, prefetch_end)
+    return TOC(
+        fmt, compression, entries, toc_offset, prefetch_end, hashlib.sha256(toc_json).hexdigest()
+    )
 
 
 def _piece(raw: dict[str, Any], entry: Entry) -> Piece:

@@ -271,6 +271,11 @@ class LazyFS(pyfuse3.Operations):
         node = self._node(fh)
         assert node.entry is not None and node.reader is not None
         entry, reader = node.entry, node.reader
+        landed = reader.read_landed(entry.name, offset, size)
+        if landed is not None:
+            # Verified and in the layer file: one pread, here, without the
+            # hand-off to a worker thread (a warm re-read is all this path).
+            return landed
         try:
             return await trio.to_thread.run_sync(reader.read, entry.name, offset, size)
         except (CsiOciError, OSError) as exc:

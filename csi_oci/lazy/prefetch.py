@@ -1,44 +1,71 @@
-"""Prefetch: fill a layer's piece cache in the background, in large requests.
+"""Hydration: fill a layer's local file in the background, at pipeline speed.
 
 Order: the prioritized files (up to `.prefetch.landmark`) first, then, for
-`all`, the rest of the layer. Adjacent pieces are merged into one range
-request (up to MERGE_BYTES) so a layer arrives in few, large transfers. An
-on-demand read always goes first: prefetch waits while any is in progress.
-Once every piece is cached, reads never touch the network.
+`all`, the rest of the layer, in blob order. Pieces are fetched in large
+range requests (up to RUN_BYTES, pieces whose compressed ranges touch), by
+WORKERS threads at once: while one waits on the network, others inflate and
+verify (zlib, zstd and sha256 release the GIL). Every image served by a
+FUSE server shares one bound on runs in flight (its layers fill in
+parallel, its memory stays bounded).
+
+On-demand reads never queue behind this: a read claims the pieces it needs
+(csi_oci.lazy.reader) and fetches them itself, and a run here claims its
+pieces only as it starts, so it skips what a read already took and a read
+waits only for a piece already on the wire. No piece is fetched twice.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from csi_oci.errors import CsiOciError
 from csi_oci.lazy.reader import LazyReader
-from csi_oci.lazy.toc import Entry, Piece
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "landmark", "all")
-MERGE_BYTES = 16 << 20
+RUN_BYTES = 8 << 20  # one range request; WORKERS of them in memory at once, compressed
+WORKERS = 3
 MAX_FAILURES = 20  # per layer, before the background fill gives up
 RETRY_BASE = 1.0
 RETRY_CAP = 60.0
+# Runs in flight across every layer of this process (one FUSE server = one image).
+_IN_FLIGHT = threading.BoundedSemaphore(WORKERS)
 
 
-def _groups(items: list[tuple[Entry, Piece]]) -> list[list[tuple[Entry, Piece]]]:
-    """Pieces in blob order, merged while their compressed ranges touch."""
-    groups: list[list[tuple[Entry, Piece]]] = []
-    start = end = -1
-    for entry, piece in sorted(items, key=lambda item: (item[1].offset, item[1].inner_offset)):
-        if groups and piece.offset <= end and max(end, piece.end) - start <= MERGE_BYTES:
-            groups[-1].append((entry, piece))
-            end = max(end, piece.end)
-            continue
-        groups.append([(entry, piece)])
-        start, end = piece.offset, piece.end
-    return groups
+def plan(
+    reader: LazyReader, mode: str, wanted: Callable[[str], bool] | None = None
+) -> list[list[int]]:
+    """Runs of piece indices in fill order: prioritized files first, each phase in
+    blob order, consecutive pieces grouped while their ranges touch."""
+    if mode == "none":
+        return []
+    toc = reader.toc
+    chosen = [
+        i
+        for i, (entry, piece) in enumerate(zip(reader.owners, reader.pieces, strict=True))
+        if not piece.zeros and (wanted is None or wanted(entry.name))
+    ]
+    if toc.prefetch_end is not None:
+        first = [i for i in chosen if reader.pieces[i].offset < toc.prefetch_end]
+    else:
+        first = []
+    first_set = set(first)
+    rest = [] if mode == "landmark" else [i for i in chosen if i not in first_set]
+    runs: list[list[int]] = []
+    for phase in (first, rest):
+        start = end = -1
+        for index in sorted(phase, key=lambda i: (reader.pieces[i].offset, i)):
+            piece = reader.pieces[index]
+            if runs and start <= piece.offset <= end and piece.end - start <= RUN_BYTES:
+                runs[-1].append(index)
+                end = max(end, piece.end)
+                continue
+            runs.append([index])
+            start, end = piece.offset, piece.end
+    return runs
 
 
 def prefetch(
@@ -46,74 +73,106 @@ def prefetch(
     mode: str,
     stop: threading.Event | None = None,
     wanted: Callable[[str], bool] | None = None,
+    workers: int = WORKERS,
 ) -> int:
-    """Cache the layer's pieces per `mode`; returns the compressed bytes fetched.
+    """Land the layer's pieces per `mode`; returns the compressed bytes fetched.
 
     `wanted`: only files it accepts (a volume's include set) are fetched.
+    Blocks until done (or `stop`); the FUSE server runs it on a thread per layer.
     """
-    if mode == "none":
+    runs = plan(reader, mode, wanted)
+    reader.prefetch_total_bytes = sum(
+        reader.pieces[i].end - reader.pieces[i].offset for run in runs for i in run
+    )
+    reader.prefetch_done_bytes = sum(
+        reader.pieces[i].end - reader.pieces[i].offset
+        for run in runs
+        for i in run
+        if reader.present(i)
+    )
+    if not runs:
         return 0
-    toc = reader.toc
-    items = [
-        (e, p)
-        for e in toc.entries.values()
-        if wanted is None or wanted(e.name)
-        for p in e.pieces
-        if not p.zeros
+    state = _Fill(reader, runs, stop)
+    threads = [
+        threading.Thread(target=state.work, name=f"hydrate-{n}", daemon=True)
+        for n in range(max(1, workers))
     ]
-    if toc.prefetch_end is not None:
-        first = [(e, p) for e, p in items if p.offset < toc.prefetch_end]
-    else:
-        first = []
-    first_ids = {id(p) for _e, p in first}
-    rest = [] if mode == "landmark" else [(e, p) for e, p in items if id(p) not in first_ids]
-    fetched = 0
-    failures = 0
-    planned = first + rest
-    reader.prefetch_total_bytes = sum(p.end - p.offset for _e, p in planned)
-    reader.prefetch_done_bytes = sum(p.end - p.offset for _e, p in planned if reader.cached(p))
-    for phase in (first, rest):
-        for group in _groups([(e, p) for e, p in phase if not reader.cached(p)]):
-            start = group[0][1].offset
-            end = max(p.end for _e, p in group)
-            while True:
-                while reader.demand > 0 and not (stop and stop.is_set()):
-                    time.sleep(0.005)  # on-demand reads first
-                if stop is not None and stop.is_set():
-                    return fetched
-                try:
-                    data = reader.fetch_range(start, end - start)
-                    break
-                except (CsiOciError, OSError) as exc:
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reader.prefetch_done_bytes = sum(  # exact, now that nothing is in flight
+        reader.pieces[i].end - reader.pieces[i].offset
+        for run in runs
+        for i in run
+        if reader.present(i)
+    )
+    log.info(
+        "prefetch (%s) of a %s layer done: %d bytes fetched",
+        mode,
+        reader.toc.format,
+        state.fetched,
+    )
+    return state.fetched
+
+
+class _Fill:
+    """Runs handed out in order to the worker threads of one layer's fill."""
+
+    def __init__(
+        self, reader: LazyReader, runs: list[list[int]], stop: threading.Event | None
+    ) -> None:
+        self.reader = reader
+        self.runs = runs
+        self.stop = stop or threading.Event()
+        self.lock = threading.Lock()
+        self.next = 0
+        self.failures = 0
+        self.fetched = 0
+
+    def _take(self) -> list[int] | None:
+        with self.lock:
+            if self.next >= len(self.runs) or self.stop.is_set():
+                return None
+            run = self.runs[self.next]
+            self.next += 1
+            return run
+
+    def work(self) -> None:
+        reader = self.reader
+        while (run := self._take()) is not None:
+            while not self.stop.is_set():
+                with _IN_FLIGHT:
+                    claimed = reader.claim(run)  # what no read has taken meanwhile
+                    taken = set(claimed)
+                    # A read landed (or is landing) the others: done as far as the fill goes.
+                    reader.prefetch_done_bytes += sum(
+                        reader.pieces[i].end - reader.pieces[i].offset
+                        for i in run
+                        if i not in taken
+                    )
+                    if not claimed:
+                        break
+                    try:
+                        fetched = reader.fill(claimed, prefetch=True)
+                    except (CsiOciError, OSError) as exc:
+                        error: Exception | None = exc
+                    else:
+                        error = None
+                with self.lock:
+                    if error is None:
+                        self.fetched += fetched
+                        break
                     # A flaky registry delays the background fill; it does not
                     # end it (a complete layer is what makes reads local).
-                    failures += 1
-                    if failures > MAX_FAILURES:
-                        log.warning("prefetch of %s gave up at %d: %s", toc.format, start, exc)
-                        return fetched
-                    pause = min(RETRY_CAP, RETRY_BASE * 2 ** (failures - 1))
-                    log.warning(
-                        "prefetch of %s failed at %d (%s); again in %.0f s",
-                        toc.format,
-                        start,
-                        exc,
-                        pause,
-                    )
-                    if stop is not None and stop.wait(pause):
-                        return fetched
-                    if stop is None:
-                        time.sleep(pause)
-            fetched += len(data)
-            reader.prefetch_fetched_bytes += len(data)
-            for entry, piece in group:
-                try:
-                    piece_bytes = reader.decode(
-                        entry, piece, data[piece.offset - start : piece.end - start]
-                    )
-                except CsiOciError as exc:
-                    log.error("prefetch: %s", exc)  # not cached; an on-demand read will say so
-                    continue
-                reader.store_piece(entry, piece, piece_bytes)
-                reader.prefetch_done_bytes += piece.end - piece.offset
-    log.info("prefetch (%s) of a %s layer done: %d bytes fetched", mode, toc.format, fetched)
-    return fetched
+                    self.failures += 1
+                    failures = self.failures
+                if failures > MAX_FAILURES:
+                    log.warning("prefetch of %s gave up: %s", reader.toc.format, error)
+                    self.stop.set()
+                    return
+                pause = min(RETRY_CAP, RETRY_BASE * 2 ** (failures - 1))
+                log.warning(
+                    "prefetch of %s failed (%s); again in %.0f s", reader.toc.format, error, pause
+                )
+                self.stop.wait(pause)

@@ -217,6 +217,7 @@ class TOC:
     entries: dict[str, Entry]
     toc_offset: int  # where the TOC (and so the payload area) ends in the blob
     prefetch_end: int | None = None  # blob offset where prioritized files end
+    toc_sha256: str = ""  # hex sha256 of the TOC JSON: names the layer's local file
 
     def files(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.name not in HIDDEN_ROOT_NAMES]

@@ -30,7 +30,14 @@ from csi_oci.pull.jobs import PullJob
 from csi_oci.storage.store import Store
 from csi_oci.stream.inflate import Compression, decompressor
 from csi_oci.stream.readahead import ReadAhead
-from csi_oci.stream.verify import CHUNK, Chunk, Readable, ReadableInto, VerifyingReader
+from csi_oci.stream.verify import (
+    CHUNK,
+    DIFF_ID_HINT,
+    Chunk,
+    Readable,
+    ReadableInto,
+    VerifyingReader,
+)
 from csi_oci.unpack.applier import LayerApplier, Policy
 from csi_oci.unpack.budget import Budget
 
@@ -75,6 +82,7 @@ def _apply_tar(
     hash the blob; inflate and hash the diff; parse the tar and write files.
     """
     blob = source if verified else VerifyingReader(source, lp.desc.digest, lp.desc.size, what)
+    diff: VerifyingReader | None = None
     # zstandard's reader holds on to its input: only tar and gzip input recycles.
     stages = [ReadAhead(blob, "layer-fetch", recycle=lp.compression != Compression.ZSTD)]
     if lp.compression == Compression.NONE:
@@ -83,7 +91,14 @@ def _apply_tar(
     else:
         stream = decompressor(stages[0], lp.compression, what)
         if lp.diff_id is not None:
-            stream = VerifyingReader(stream, lp.diff_id, None, f"{what} (uncompressed, diff_id)")
+            diff = VerifyingReader(
+                stream,
+                lp.diff_id,
+                None,
+                f"{what} (uncompressed, diff_id)",
+                mismatch_hint=DIFF_ID_HINT,
+            )
+            stream = diff
         # zstd inflates into our buffers (readinto); gzip makes new ones.
         stages.append(
             ReadAhead(stream, "layer-inflate", recycle=lp.compression == Compression.ZSTD)
@@ -93,6 +108,13 @@ def _apply_tar(
     try:
         try:
             stats = applier.apply(tar_stream, what)
+            trailing = 0 if len(stages) == 1 else _drain(tar_stream, MAX_TRAILING_BYTES)
+        except IntegrityError:
+            if diff is not None and diff.mismatched and not verified:
+                # Before blaming the image, prove the blob: a wrong blob is the
+                # registry's fault and says so (finish raises that mismatch).
+                stages[0].finish()
+            raise
         except InvalidLayer:
             if not verified:
                 # Undecodable bytes are most often wrong bytes: finish hashing so
@@ -110,7 +132,6 @@ def _apply_tar(
         if len(stages) == 1:
             stages[0].finish()
             return
-        trailing = _drain(tar_stream, MAX_TRAILING_BYTES)
         if trailing > MAX_TRAILING_BYTES:
             raise InvalidLayer(
                 f"{what}: {trailing} bytes after the tar end-of-archive marker "

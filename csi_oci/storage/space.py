@@ -11,6 +11,7 @@ never for the sizes a manifest claims.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -41,9 +42,27 @@ class StoreContents(Protocol):
     def image_dir(self, key: str) -> Path: ...
 
 
+def _on_disk(st: os.stat_result) -> int:
+    """Bytes a file holds on disk: a lazy layer file is sparse until it is filled."""
+    return min(st.st_size, st.st_blocks * 512)
+
+
+def _held_open(path: Path) -> bool:
+    """A lazy layer file in use: its FUSE server holds a shared flock on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _eviction_kind(label: str) -> str:
-    """The metric's `kind` label from a candidate's label ("tree …", "blob …", "lazy piece …")."""
-    return "lazy_piece" if label.startswith("lazy piece") else label.partition(" ")[0]
+    """The metric's `kind` label from a candidate's label ("tree …", "blob …", "lazy cache …");
+    lazy layer files keep the `lazy_piece` kind the metric has always had."""
+    return "lazy_piece" if label.startswith("lazy ") else label.partition(" ")[0]
 
 
 Candidate = tuple[float, str, Path, int]  # (last used, label, path, bytes)
@@ -82,7 +101,7 @@ class CacheSpace:
         for directory in (store.blobs, store.chunks):
             for entry in directory.iterdir() if directory.is_dir() else []:
                 with contextlib.suppress(OSError):
-                    blobs += entry.lstat().st_size
+                    blobs += _on_disk(entry.lstat())
         return Usage(trees, blobs)
 
     def free_bytes(self) -> int:
@@ -130,9 +149,11 @@ class CacheSpace:
                 if st.st_nlink == 1:  # linked into no tree: a cached download
                     out.append((st.st_mtime, f"blob {entry.name}", entry, st.st_size))
         for entry in store.chunks.iterdir() if store.chunks.is_dir() else []:
-            with contextlib.suppress(OSError):  # lazy pieces: fetched again when needed
+            with contextlib.suppress(OSError):  # lazy layer files: fetched again when needed
+                if _held_open(entry):
+                    continue  # a FUSE server serves from it (shared flock)
                 st = entry.lstat()
-                out.append((st.st_mtime, f"lazy piece {entry.name}", entry, st.st_size))
+                out.append((st.st_mtime, f"lazy cache {entry.name}", entry, _on_disk(st)))
         out.sort(key=lambda item: item[0])
         return out
 

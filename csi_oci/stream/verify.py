@@ -32,6 +32,21 @@ class ReadableInto(Readable, Protocol):
     def readinto(self, buf: memoryview, /) -> int: ...
 
 
+WRONG_BYTES_HINT = (
+    "the registry or a proxy served wrong bytes, nothing was kept: re-push the image, "
+    "or fix the registry or cache that serves it"
+)
+# Said only once the compressed blob matched its own digest: the registry served
+# exactly what the manifest pins, so the image itself is inconsistent.
+DIFF_ID_HINT = (
+    "the layer blob matched its digest, so the registry served what the manifest pins, "
+    "but the image's config (rootfs.diff_ids) and this layer disagree: the image was "
+    "built wrong (skopeo 1.9's zstd:chunked writer drops the tar's record padding and "
+    "produces exactly this). Nothing was kept: rebuild or convert the image with a "
+    "current tool, or pin one that is consistent"
+)
+
+
 class VerifyingReader:
     """Pass bytes through while hashing and counting them.
 
@@ -50,12 +65,15 @@ class VerifyingReader:
         *,
         hasher: hashlib._Hash | None = None,
         offset: int = 0,
+        mismatch_hint: str = WRONG_BYTES_HINT,
     ) -> None:
         algo, _, self._expected_hex = digest.partition(":")
         self._source = source
         # The raw-file path gives a source that also has readinto (ResumableStream).
         self._into = cast(ReadableInto, source)
         self._digest = digest
+        self._mismatch_hint = mismatch_hint
+        self.mismatched = False
         self._size = size
         self._what = what
         self._on_bytes = on_bytes
@@ -110,11 +128,10 @@ class VerifyingReader:
             )
         got = self._hash.hexdigest()
         if got != self._expected_hex:
+            self.mismatched = True
             raise IntegrityError(
                 f"{self._what}: digest mismatch: expected {self._digest}, "
-                f"got {self._digest.partition(':')[0]}:{got}; the registry or a proxy "
-                "served wrong bytes, nothing was kept: re-push the image, or fix the registry "
-                "or cache that serves it"
+                f"got {self._digest.partition(':')[0]}:{got}; {self._mismatch_hint}"
             )
         self.verified = True
 

@@ -23,7 +23,7 @@ import zstandard
 
 from csi_oci.errors import RegistryError
 from csi_oci.lazy.fs import LazyTree
-from csi_oci.lazy.prefetch import prefetch
+from csi_oci.lazy.prefetch import plan
 from csi_oci.lazy.reader import LazyReader, open_toc
 from csi_oci.lazy.toc import TocBudget
 
@@ -44,7 +44,7 @@ NO_DIGEST = "sha256:" + "0" * 64
 # What a FUSE reader asks for: windows of at most 128 KiB, never a whole file.
 READ_WINDOW = 128 << 10
 MAX_ENTRIES_READ = 24
-CACHE_NAME = re.compile(r"(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128}|\.piece-[0-9a-z-]+)")
+CACHE_NAME = re.compile(r"layer-v1-[0-9a-f]{64}\.data")  # csi_oci.lazy.reader.layer_file_name
 
 JSON_DICT = [
     b'"version"',
@@ -276,9 +276,7 @@ def open_and_read(
     try:
         toc.files()
         LazyTree([reader])
-        groups = getattr(prefetch, "_groups", None)  # private: skipped if it goes
-        if groups is not None:
-            groups([(e, p) for e in toc.entries.values() for p in e.pieces if not p.zeros])
+        plan(reader, "all")
         read = 0
         for entry in list(toc.entries.values()):
             if read >= MAX_ENTRIES_READ:
