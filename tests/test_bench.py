@@ -131,3 +131,29 @@ def test_profile_splits_each_tools_cpu_by_thread_object_and_symbol(tmp_path):
         by_thread = section.split("#### by process or thread")[1].split("####")[0]
         shares = [int(m) for m in re.findall(r"\| (\d+) % \|", by_thread)]
         assert shares and 80 <= sum(shares) <= 101, by_thread
+
+
+def test_loader_bench_smoke_run_measures_every_lazy_format(tmp_path):
+    """bench.loader end to end on a small model: every format, both loader patterns."""
+    out = tmp_path / "loader.json"
+    scratch = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+    cmd = [sys.executable, "-m", "bench.loader", "--size-mib", "16", "--shards", "2"]
+    cmd += ["--no-drop-caches", "--out", str(out), "--work", str(scratch)]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False
+        )
+        leftovers = list(scratch.iterdir())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert leftovers == []
+    report = json.loads(out.read_text())
+    runs = {(r["format"], r["pattern"]): r for r in report["runs"]}
+    formats = ("estargz", "zstd:chunked/stargz", "zstd:chunked/containers")
+    assert set(runs) == {(f, p) for f in formats for p in ("shards", "safetensors")}
+    for run in runs.values():
+        assert run["lazy"]["first_byte_fresh_s"] > 0 and run["unpack"]["publish_s"] > 0
+        assert run["lazy"]["payload_fetched_ratio"] == 1.0, run  # no piece fetched twice
+    assert set(report["first_byte"]) == set(formats)
+    assert "| zstd:chunked/containers | safetensors |" in out.with_suffix(".md").read_text()

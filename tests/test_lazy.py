@@ -130,9 +130,7 @@ def test_a_read_over_many_chunks_is_one_range_request(workdir, tmp_path):
     assert length >= 1 << 20 and start + length <= max(piece_ends)
     assert reader.cache_misses >= 16
     # Verified bytes land in one file per layer, named by the TOC's digest.
-    assert [p.name for p in (tmp_path / "pieces").iterdir()] == [
-        f"layer-v1-{toc.toc_sha256}.data"
-    ]
+    assert [p.name for p in (tmp_path / "pieces").iterdir()] == [f"layer-v1-{toc.toc_sha256}.data"]
     requests.clear()
     assert reader.read(name, 100_000, 1 << 20) == got and requests == []  # all landed now
     # A new reader (a restart) checks what the file holds: only the gap is fetched.
@@ -347,3 +345,37 @@ def test_prefetch_merges_ranges_and_fills_the_cache(workdir, tmp_path):
     for name, content in FILES.items():
         assert reader.read(name, 0, len(content)) == content
     assert fetches == [], "once complete, reads never touch the network"
+
+
+def test_a_failing_fetch_releases_its_pieces_and_the_fill_retries(workdir, tmp_path, monkeypatch):
+    """A registry error mid-run: the claimed pieces go back to missing (a waiting
+    read takes them over, nothing half-landed is served) and the fill retries."""
+    from csi_oci.errors import RegistryError
+    from csi_oci.lazy import prefetch as prefetch_module
+
+    monkeypatch.setattr(prefetch_module, "RETRY_BASE", 0.01)
+    blob = estargz_blob(TAR, workdir / "flaky", chunk_size=256 * 1024)
+    data = blob.blob
+    calls = {"n": 0}
+
+    def fetch(offset, length):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RegistryError("connection reset by peer")
+        return data[offset : offset + length]
+
+    toc = open_toc(blob.media_type, blob.annotations, len(data), lambda o, n: data[o : o + n])
+    reader = LazyReader(toc, fetch, cache_dir=tmp_path / "flaky")
+    prefetch_module.prefetch(reader, "all", workers=2)
+    assert all(reader.present(i) for i, p in enumerate(reader.pieces) if not p.zeros)
+    assert reader.prefetch_done_bytes == reader.prefetch_total_bytes
+    calls["n"] = -(10**9)  # no more failures; nothing is fetched now anyway
+    for name, content in FILES.items():
+        assert reader.read_all(name) == content
+    # On demand: an error fails that read only; the next read fetches again.
+    fresh = LazyReader(toc, fetch, cache_dir=tmp_path / "flaky2")
+    calls["n"] = 2  # the next fetch fails
+    name = "models/model-00001-of-00002.safetensors"
+    with pytest.raises(RegistryError):
+        fresh.read(name, 0, 4096)
+    assert fresh.read(name, 0, 4096) == FILES[name][:4096]

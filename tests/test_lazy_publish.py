@@ -280,10 +280,11 @@ def _lazy_mounts(state_dir) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("servers", ["inline", "external"])
+@pytest.mark.parametrize("servers", ["inline", "inline-restarted", "external"])
 def test_unpublish_then_stop_leaves_no_fuse_server_behind(registry, lazy_image, tmp_path, servers):
     """The last volume of an image goes and the driver stops at once: its FUSE
-    mount and server are gone by the time the stop returns, not at the next start."""
+    mount and server are gone by the time the stop returns, not at the next start.
+    `inline-restarted`: the server was started by an earlier driver (not a child)."""
     from tests.support.driver import LazyServerProcess, fuse_pids
 
     ref, _ = lazy_image
@@ -300,6 +301,9 @@ def test_unpublish_then_stop_leaves_no_fuse_server_behind(registry, lazy_image, 
         d.publish(target, {"image": ref, "mode": "lazy"})
         pids = fuse_pids(state)
         assert pids and _lazy_mounts(state)
+        if servers == "inline-restarted":
+            d.restart()
+            assert fuse_pids(state) == pids, "the FUSE server outlives a driver restart"
         d.unpublish(target)
         assert d.stop() == 0
         if lazy_server is not None:

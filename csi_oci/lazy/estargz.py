@@ -49,7 +49,10 @@ FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
 TAIL_FETCH = 1 << 20  # one request usually brings the footer and the TOC
 
-Fetch = Callable[[int, int], bytes]  # (offset, length) -> exactly those blob bytes
+Fetch = Callable[[int, int], bytes | bytearray]
+BlobBytes = (
+    bytes | bytearray | memoryview
+)  # fetched bytes, or a slice of them (no copy)  # (offset, length) -> exactly those blob bytes
 
 
 def parse_footer(tail: bytes) -> tuple[int, int]:
@@ -82,7 +85,7 @@ def _hex_offset(raw: bytes) -> int:
         raise InvalidLayer("eStargz footer: TOC offset is not hexadecimal") from None
 
 
-def gunzip_member(data: bytes, limit: int, what: str) -> bytes:
+def gunzip_member(data: BlobBytes, limit: int, what: str) -> bytes:
     """The payload of the single gzip member at the start of `data`, at most `limit` bytes.
 
     The unpack path's inflater (ISA-L where installed): about twice zlib's
@@ -99,7 +102,7 @@ def gunzip_member(data: bytes, limit: int, what: str) -> bytes:
 def read_toc(fetch: Fetch, blob_size: int, toc_digest: str, budget: TocBudget | None = None) -> TOC:
     """Locate, verify and parse the TOC of an eStargz blob."""
     tail_len = min(blob_size, TAIL_FETCH)
-    tail = fetch(blob_size - tail_len, tail_len)
+    tail = bytes(fetch(blob_size - tail_len, tail_len))
     toc_offset, footer_size = parse_footer(tail)
     toc_end = blob_size - footer_size
     if not 0 <= toc_offset < toc_end:
@@ -112,7 +115,7 @@ def read_toc(fetch: Fetch, blob_size: int, toc_digest: str, budget: TocBudget | 
     if toc_offset >= blob_size - tail_len:
         compressed = tail[toc_offset - (blob_size - tail_len) : len(tail) - footer_size]
     else:
-        compressed = fetch(toc_offset, toc_end - toc_offset)
+        compressed = bytes(fetch(toc_offset, toc_end - toc_offset))
     toc_json = _toc_from_tar(gunzip_member(compressed, MAX_TOC_JSON_BYTES + 4096, "eStargz TOC"))
     check_toc_digest(toc_json, toc_digest)
     return parse_toc_json(toc_json, toc_offset, "estargz", "gzip", budget)
@@ -210,9 +213,13 @@ def parse_toc_json(
     """The eStargz TOC schema (`version` 1, `entries`), as stargz-snapshotter writes it."""
     entries: dict[str, Entry] = {}
     prefetch_end = None
+    last_raw_name, last_name = "", ""
     for raw in iter_toc_entries(toc_json, "eStargz TOC", budget):
         kind = raw.get("type")
-        name = normalize_name(str(raw.get("name", "")), "TOC entry")
+        raw_name = str(raw.get("name", ""))
+        if raw_name != last_raw_name:  # a file's chunks repeat its name: checked once
+            last_raw_name, last_name = raw_name, normalize_name(raw_name, "TOC entry")
+        name = last_name
         if kind == "chunk":
             entry = entries.get(name)
             if entry is None or entry.type != "reg":
@@ -300,10 +307,14 @@ def verify_piece(data: bytes, piece: Piece, name: str) -> bytes:
     return data
 
 
-def read_piece_gzip(compressed: bytes, piece: Piece, name: str) -> bytes:
+def read_piece_gzip(compressed: BlobBytes, piece: Piece, name: str) -> bytes:
     """Decompress the member holding a piece, cut it out, verify it."""
     raw = gunzip_member(compressed, piece.inner_offset + piece.size, name)
-    data = raw[piece.inner_offset : piece.inner_offset + piece.size]
+    data = (
+        raw
+        if piece.inner_offset == 0
+        else raw[piece.inner_offset : piece.inner_offset + piece.size]
+    )
     if len(data) != piece.size:
         raise InvalidLayer(f"{name}: the gzip member holds fewer bytes than the TOC says")
     return verify_piece(data, piece, name)

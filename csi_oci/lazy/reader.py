@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 ON_DEMAND_RUN_BYTES = 8 << 20
 MAX_RUN_BYTES = 16 << 20  # one range request, at most (bounds what it holds in memory)
 SPILL_BYTES = 32 << 20  # verified pieces kept in memory when the layer file cannot take them
+# On-demand runs in flight in this process: each holds its compressed range and
+# one decoded piece. The kernel may send a dozen reads at once; this bounds
+# what they hold (the background fill has its own bound, csi_oci.lazy.prefetch).
+ON_DEMAND_FILLS = 4
+_ON_DEMAND = threading.BoundedSemaphore(ON_DEMAND_FILLS)
 LAYER_FILE_PREFIX = "layer-"
 LAYER_FILE_SUFFIX = ".data"
 LAYOUT_VERSION = 1  # part of a layer file's name: a new layout never reads an old file
@@ -320,10 +325,11 @@ class LazyReader:
             self.prefetch_fetched_bytes += len(compressed)
         else:
             self.fetched_bytes += len(compressed)
+        view = memoryview(compressed)  # slices without copies
         for index in run:
             piece = self.pieces[index]
             data = self.decode(
-                self.owners[index], piece, compressed[piece.offset - start : piece.end - start]
+                self.owners[index], piece, view[piece.offset - start : piece.end - start]
             )
             self._land(index, data)
             if prefetch:
@@ -332,7 +338,7 @@ class LazyReader:
                 self.cache_misses += 1
         return len(compressed)
 
-    def decode(self, entry: Entry, piece: Piece, compressed: bytes) -> bytes:
+    def decode(self, entry: Entry, piece: Piece, compressed: estargz.BlobBytes) -> bytes:
         """Decompress and verify one piece (IntegrityError if it does not match)."""
         if self.toc.compression == "gzip":
             return estargz.read_piece_gzip(compressed, piece, entry.name)
@@ -383,7 +389,8 @@ class LazyReader:
                     self._cond.wait(1.0)
                     continue
                 run = self._claim_run(gap, max(last, gap + 1), entry_end)
-            self.fill(run)
+            with _ON_DEMAND:
+                self.fill(run)
 
     def _claim_run(self, gap: int, needed_end: int, entry_end: int) -> list[int]:
         """Claim from `gap` on: the missing pieces the read needs, then the file's

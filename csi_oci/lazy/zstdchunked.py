@@ -26,6 +26,7 @@ import zstandard
 from csi_oci.errors import IntegrityError, InvalidLayer
 from csi_oci.lazy.estargz import (
     TOC_DIGEST_ANNOTATION,
+    BlobBytes,
     Fetch,
     _int,
     _toc_from_tar,
@@ -92,7 +93,7 @@ def _u64(buf: bytes, at: int) -> int:
     return int.from_bytes(buf[at : at + 8], "little")
 
 
-def _unzstd(data: bytes, limit: int, what: str) -> bytes:
+def _unzstd(data: BlobBytes, limit: int, what: str) -> bytes:
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
     try:
         reader = dctx.stream_reader(io.BytesIO(data), read_across_frames=True)
@@ -107,7 +108,7 @@ def _unzstd(data: bytes, limit: int, what: str) -> bytes:
 _LOCAL = threading.local()
 
 
-def _unzstd_piece(data: bytes, needed: int, what: str) -> bytes:
+def _unzstd_piece(data: BlobBytes, needed: int, what: str) -> bytes:
     """A piece's frame(s), decompressed to at least `needed` bytes.
 
     The common case is one frame per piece (containers/storage writes each
@@ -138,7 +139,7 @@ def _locate(annotations: dict[str, str], fetch: Fetch, blob_size: int) -> tuple[
     if position is not None:
         offset, length, ulength = parse_position(position)
     else:
-        tail = fetch(max(0, blob_size - 72), min(72, blob_size))
+        tail = bytes(fetch(max(0, blob_size - 72), min(72, blob_size)))
         offset, length, ulength = parse_footer(tail)
     if offset + length > blob_size or length > MAX_TOC_COMPRESSED_BYTES:
         raise InvalidLayer(
@@ -180,9 +181,13 @@ def parse_containers_toc(toc_json: bytes, toc_offset: int, budget: TocBudget | N
     """containers/storage's TOC schema (`minimal.TOC`)."""
     entries: dict[str, Entry] = {}
     ends: dict[str, int] = {}
+    last_raw_name, last_name = "", ""
     for raw in iter_toc_entries(toc_json, "zstd:chunked TOC", budget):
         kind = raw.get("type")
-        name = normalize_name(str(raw.get("name", "")), "TOC entry")
+        raw_name = str(raw.get("name", ""))
+        if raw_name != last_raw_name:  # a file's chunks repeat its name: checked once
+            last_raw_name, last_name = raw_name, normalize_name(raw_name, "TOC entry")
+        name = last_name
         if kind == "chunk":
             entry = entries.get(name)
             if entry is None or entry.type != "reg":
@@ -235,12 +240,13 @@ def _close_ranges(entry: Entry, end_offset: int, toc_offset: int) -> None:
     entry.pieces = closed
 
 
-def read_piece_zstd(compressed: bytes, piece: Piece, name: str) -> bytes:
+def read_piece_zstd(compressed: BlobBytes, piece: Piece, name: str) -> bytes:
     """Decompress the frame(s) of a piece, cut it out, verify it."""
     if piece.zeros:
         return verify_piece(bytes(piece.size), piece, name)
     raw = _unzstd_piece(compressed, piece.inner_offset + piece.size, name)
-    data = raw[piece.inner_offset : piece.inner_offset + piece.size]
+    wanted = slice(piece.inner_offset, piece.inner_offset + piece.size)
+    data = raw if piece.inner_offset == 0 and len(raw) == piece.size else raw[wanted]
     if len(data) != piece.size:
         raise InvalidLayer(f"{name}: the zstd frames hold fewer bytes than the TOC says")
     return verify_piece(data, piece, name)

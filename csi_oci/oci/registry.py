@@ -676,7 +676,7 @@ class RegistryClient:
             return _FallbackParallel(ranged, sequential, desc.size, RANGE_CHUNK, parallelism)
         return sequential(start)
 
-    def fetch_range(self, desc: Descriptor, offset: int, length: int) -> bytes:
+    def fetch_range(self, desc: Descriptor, offset: int, length: int) -> bytes | bytearray:
         """Bytes [offset, offset+length) of a blob (lazy reads; verified by the caller)."""
         if offset < 0 or length < 0 or offset + length > desc.size:
             raise RegistryError(f"range {offset}+{length} is outside blob {desc.digest}")
@@ -696,7 +696,7 @@ class RegistryClient:
             stream.close()
         if got != length:
             raise RegistryError(f"blob {desc.digest}: got {got} of {length} bytes at {offset}")
-        return bytes(buf)
+        return buf  # not bytes(buf): a lazy run is up to 16 MiB, one copy is enough
 
     def get_blob_bytes(self, desc: Descriptor, what: str, max_bytes: int) -> bytes:
         """A small blob (config) fully in memory, verified."""

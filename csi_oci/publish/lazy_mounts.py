@@ -312,13 +312,19 @@ class LazyMounts:
         (self._dir(key) / "error").unlink(missing_ok=True)
         self._credentials_path(key).unlink(missing_ok=True)
         mnt = self.mountpoint(key)
+        server = _server_pid(mnt.parent)
         if mounts.is_mounted(mnt):
             mounts.unmount(mnt)
             log.info("stopped serving %s lazily", key)
         proc = self._children.pop(key, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+                proc.wait(RELEASE_WAIT)
+        if server is not None:
+            # Synchronous: when the last unpublish returns, the server is gone,
+            # even if it was started by an earlier driver (not our child) and
+            # this driver stops right away.
+            _finish(server, RELEASE_WAIT)
 
     # -- external mode ------------------------------------------------------------
 
@@ -370,3 +376,47 @@ def _last_error(log_tail: str) -> str:
         if " ERROR " in line or "Error" in line:
             return line.strip()
     return lines[-1].strip() if lines else "no output"
+
+
+RELEASE_WAIT = 5.0  # seconds a FUSE server has to exit after its unmount
+
+
+def _server_pid(image_dir: Path) -> int | None:
+    """The pid of the FUSE server serving from `image_dir`, if it runs here.
+
+    Checked by its command line, so a recycled pid is never signalled; in
+    the DaemonSet the lazy-server container's processes are not visible
+    from the driver's, and this finds none.
+    """
+    try:
+        pid = int((image_dir / "server.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"csi_oci.lazy.fs" in cmdline else None
+
+
+def _finish(pid: int, timeout: float) -> None:
+    """Wait for an unmounted FUSE server to exit; stop it if it does not."""
+    import signal
+
+    deadline = time.monotonic() + timeout
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            if not _running(pid):
+                return
+            time.sleep(0.02)
+    log.warning("FUSE server %d did not exit after its unmount", pid)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a child of someone else that has not reaped it yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # OCI image-spec's registered algorithms that we can verify; sha512 is rare but legal.
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[0-9a-f]+")
+_DIGEST = re.compile(r"(sha256):([0-9a-f]{64})|(sha512):([0-9a-f]{128})")  # as _HEX_LENGTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +79,14 @@ def parse_digest(
     another file), no unknown algorithm (nothing to verify it with).
     """
     if isinstance(value, str):
-        algorithm, sep, hexpart = value.partition(":")
-        length = _HEX_LENGTH.get(algorithm)
-        if sep and length is not None and len(hexpart) == length and _HEX.fullmatch(hexpart):
-            return Digest(algorithm, hexpart)
+        match = _DIGEST.fullmatch(value)
+        if match is not None:
+            # Checked just now: skip __post_init__'s second check (a lazy TOC
+            # holds one digest per 64 KiB chunk, tens of thousands per GiB).
+            digest = object.__new__(Digest)
+            object.__setattr__(digest, "algorithm", match.group(1) or match.group(3))
+            object.__setattr__(digest, "hex", match.group(2) or match.group(4))
+            return digest
     shown = value if isinstance(value, str) else type(value).__name__
     raise error(
         f"invalid {what} {str(shown)[:150]!r}: want sha256:<64 lower-case hex> "
