@@ -335,11 +335,12 @@ def _raise_readahead(mountpoint: str) -> None:
 def _steady_malloc() -> None:
     """Keep glibc from hoarding freed range buffers.
 
-    Runs of several MiB are allocated and freed on many threads: glibc's
-    dynamic mmap threshold then serves them from per-thread arenas, which
-    keep the freed memory (measured: a 4-shard read peaked 220 MB).
-    A fixed threshold returns each buffer to the kernel, and two arenas
-    bound the rest.
+    Range buffers of several MiB are allocated and freed on many threads,
+    and glibc gives threads arenas of their own that keep what was freed.
+    Two arenas bound that: with the bound on on-demand runs, a 4-shard read
+    of a 1 GiB model peaked at 139-166 MB (216-230 MB before). A fixed 1 MiB
+    mmap threshold cut it to 114-133 MB but made reads 20-60 % slower (every
+    fresh buffer faulted in page by page), so it is not set.
     """
     import ctypes
     import ctypes.util
