@@ -7,7 +7,7 @@ and this machine's limits. Separate from the tests, never part of the wheel.
     bench/limits.py    this machine's limits, measured in the same run
     bench/report.py    bench.json, bench.md and bench.png
     bench/lib.py       cache dropping, the stopwatch, a timed publish
-    bench/lazy.py      lazy publishes (python -m bench.lazy)
+    bench/loader.py    model loaders on lazy mounts against unpack (hack/bench loaders)
     bench/resume.py    resume efficiency through a cutting proxy (python -m bench.resume)
     bench/profile.py   where the CPU goes on the raw artifact (python -m bench.profile)
 

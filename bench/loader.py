@@ -301,8 +301,9 @@ def _prefetch_done(state: Path) -> bool:
             stats = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
-        if stats.get("prefetch_done_bytes", 0) < stats.get("prefetch_total_bytes", 1):
-            return False
+        total = stats.get("prefetch_total_bytes", 0)
+        if not total or stats.get("prefetch_done_bytes", 0) < total:
+            return False  # not planned yet (the first stats are written at start), or filling
     return True
 
 
@@ -422,8 +423,12 @@ def main() -> int:
             for pattern in patterns:
                 drop()
                 unpack = unpack_run(base / f"u-{len(runs)}", image, names, pattern)
+                shutil.rmtree(
+                    base / f"u-{len(runs)}", ignore_errors=True
+                )  # a model's worth of disk
                 drop()
                 lazy = lazy_run(base / f"l-{len(runs)}", image, names, pattern, registry)
+                shutil.rmtree(base / f"l-{len(runs)}", ignore_errors=True)
                 run = {"format": fmt, "pattern": pattern, "lazy": lazy, "unpack": unpack}
                 run["all_bytes_ratio"] = lazy["all_bytes_s"] / unpack["all_bytes_s"]
                 run["warm_vs_plain"] = lazy["warm_read_mib_s"] / unpack["warm_read_mib_s"]
