@@ -54,18 +54,7 @@ def plan(
         first = []
     first_set = set(first)
     rest = [] if mode == "landmark" else [i for i in chosen if i not in first_set]
-    runs: list[list[int]] = []
-    for phase in (first, rest):
-        start = end = -1
-        for index in sorted(phase, key=lambda i: (reader.pieces[i].offset, i)):
-            piece = reader.pieces[index]
-            if runs and start <= piece.offset <= end and piece.end - start <= RUN_BYTES:
-                runs[-1].append(index)
-                end = max(end, piece.end)
-                continue
-            runs.append([index])
-            start, end = piece.offset, piece.end
-    return runs
+    return reader.runs(first, RUN_BYTES) + reader.runs(rest, RUN_BYTES)
 
 
 def prefetch(

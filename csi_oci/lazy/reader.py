@@ -285,7 +285,7 @@ class LazyReader:
                     done.append(index)
                 else:
                     to_fetch.append(index)
-            for run in self._runs(to_fetch):
+            for run in self.runs(to_fetch):
                 fetched += self._fill_run(run, prefetch)
                 done.extend(run)
         except BaseException:
@@ -309,13 +309,14 @@ class LazyReader:
             pass
         return False
 
-    def _runs(self, indices: list[int]) -> list[list[int]]:
-        """Claimed pieces grouped into runs whose compressed ranges touch."""
+    def runs(self, indices: list[int], max_bytes: int = MAX_RUN_BYTES) -> list[list[int]]:
+        """Pieces in blob order, grouped into runs whose compressed ranges touch,
+        each at most `max_bytes` (one range request per run)."""
         runs: list[list[int]] = []
         start = end = -1
         for index in sorted(indices, key=lambda i: (self.pieces[i].offset, i)):
             piece = self.pieces[index]
-            if runs and start <= piece.offset <= end and piece.end - start <= MAX_RUN_BYTES:
+            if runs and start <= piece.offset <= end and piece.end - start <= max_bytes:
                 runs[-1].append(index)
                 end = max(end, piece.end)
                 continue
@@ -464,10 +465,9 @@ class LazyReader:
             return None
         length = min(length, entry.size - offset)
         first, last = self._span(entry, offset, length)
-        state = self._state
-        if first == last or any(state[i] != PRESENT for i in range(first, last)):
+        if first == last:
             return None
-        try:
+        try:  # None from _assemble: a piece is not landed yet
             data = self._assemble(entry, first, last, offset, length)
         except OSError:
             return None
