@@ -13,7 +13,7 @@ from pathlib import Path
 from csi_oci.errors import FailedPrecondition
 from csi_oci.oci.config import ConfigSource
 from csi_oci.publish.lazy_mounts import LazyMounts
-from csi_oci.publish.volumes import VolumeManager
+from csi_oci.publish.volumes import AUTO_LAZY_DEFAULT, VolumeManager
 from csi_oci.pull.puller import Puller
 from csi_oci.spec.credentials import NodeCredentials
 from csi_oci.storage.store import Store
@@ -46,6 +46,7 @@ class NodeSettings:
     runtime_dir: Path | None = None  # tmpfs for lazy images' credentials
     lazy_external: bool = False  # FUSE servers run by `csi-oci lazy-server`
     verify_diff_ids: bool = True
+    auto_lazy: frozenset[str] = AUTO_LAZY_DEFAULT  # lazy formats `mode: auto` serves lazily
 
 
 def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts:
@@ -78,7 +79,9 @@ def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts
         runtime_dir=settings.runtime_dir,
         external=settings.lazy_external,
     )
-    volumes = VolumeManager(store, puller, publish_wait=settings.publish_wait, lazy=lazy)
+    volumes = VolumeManager(
+        store, puller, publish_wait=settings.publish_wait, lazy=lazy, auto_lazy=settings.auto_lazy
+    )
     node_credentials = NodeCredentials(list(settings.docker_config) or None)
     parts = NodeParts(store, puller, volumes, node_credentials, registries)
     if lock == "none":

@@ -22,6 +22,7 @@ from csi_oci.app import NodeParts, NodeSettings, build_node_parts
 from csi_oci.csi.server import ServeOptions, serve
 from csi_oci.errors import CsiOciError
 from csi_oci.publish.lazy_server import serve_lazy
+from csi_oci.publish.volumes import AUTO_LAZY_DEFAULT, AUTO_LAZY_FAMILIES
 from csi_oci.pull.puller import Puller
 from csi_oci.spec.attributes import (
     KEY_IMAGE,
@@ -144,6 +145,18 @@ def _size(text: str) -> int:
     return int(raw)
 
 
+def _auto_lazy(text: str) -> frozenset[str]:
+    """`estargz,zstd:chunked` -> the lazy format families `mode: auto` serves lazily."""
+    wanted = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(wanted - set(AUTO_LAZY_FAMILIES))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown lazy format {', '.join(unknown)}: want a comma-separated subset of "
+            f"{', '.join(AUTO_LAZY_FAMILIES)} (or empty: auto always unpacks)"
+        )
+    return wanted
+
+
 def _global_options() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     env = os.environ.get
     return [
@@ -244,6 +257,18 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
             },
         ),
         (
+            ("--auto-lazy",),
+            {
+                "type": _auto_lazy,
+                "default": _auto_lazy(
+                    env("CSI_OCI_AUTO_LAZY", ",".join(sorted(AUTO_LAZY_DEFAULT)))
+                ),
+                "help": "lazy formats that volumes with `mode: auto` are served lazily from "
+                "(comma-separated: estargz, zstd:chunked; default estargz: a whole-model read "
+                "of zstd:chunked is faster unpacked, see docs/modes-and-cache.md)",
+            },
+        ),
+        (
             ("--cache-max-bytes",),
             {
                 "type": _size,
@@ -278,6 +303,7 @@ def node_settings(args: argparse.Namespace, publish_wait: float) -> NodeSettings
         runtime_dir=args.runtime_dir,
         lazy_external=getattr(args, "lazy_server", "inline") == "external",
         verify_diff_ids=args.verify_diff_ids,
+        auto_lazy=args.auto_lazy,
     )
 
 

@@ -225,6 +225,31 @@ def test_auto_serves_lazy_images_lazily_and_others_unpacked(registry, lazy_image
 
 
 @pytest.mark.slow
+def test_auto_unpacks_zstd_chunked_unless_the_node_opts_in(registry, tmp_path):
+    """auto follows the loader benchmark: zstd:chunked is unpacked by default."""
+    blob = estargz_blob(make_layer_tar(FILES, dirs=("models",)), tmp_path / "blob", fmt="zstdchunked")
+    ref = push_lazy_image(registry, [blob], "lazy/zstd-auto:v1", tmp_path).reference
+
+    def filesystem_at(target):
+        info = open("/proc/self/mountinfo").read().splitlines()
+        return {line.split(" ")[4]: line.split(" - ")[1].split(" ")[0] for line in info}[
+            str(target)
+        ]
+
+    for opt_in, lazily in ((None, False), ("estargz,zstd:chunked", True)):
+        extra = [] if opt_in is None else [f"--auto-lazy={opt_in}"]
+        d = Driver(tmp_path / f"drv-{lazily}", extra_args=extra)
+        target = target_in(tmp_path, f"zstd-auto-{lazily}")
+        try:
+            d.publish(target, {"image": ref, "prefetch": "none"})  # mode auto
+            assert (target / "README.md").read_bytes() == FILES["README.md"]
+            assert filesystem_at(target).startswith("fuse") is lazily, opt_in
+            d.unpublish(target)
+        finally:
+            d.stop()
+
+
+@pytest.mark.slow
 def test_lazy_include_serves_and_fetches_only_matching_files(registry, lazy_image, tmp_path):
     ref, blob_size = lazy_image
     d = Driver(tmp_path / "drv")

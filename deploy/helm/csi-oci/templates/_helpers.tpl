@@ -60,6 +60,7 @@ options of csi-oci): logging, state, registries, credentials, budgets.
 {{- if eq (toString .Values.pull.verifyDiffIDs) "false" }}
 - --no-verify-diff-ids
 {{- end }}
+- --auto-lazy={{ join "," .Values.lazy.autoFormats }}
 {{- end }}
 
 {{/* Mounts of the registry configuration, certificates and docker config (read-only). */}}
