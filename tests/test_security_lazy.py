@@ -11,6 +11,7 @@ end to end through NodePublishVolume with a real FUSE mount.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -326,6 +327,11 @@ def test_empty_pieces_are_refused():
         b'{"version": 1}',
         b'{"version": 1, "entries": [], "entries": []}',
         b'{"version": 1, "entries": [1]}',
+        b'{"version": 1, "entries": [{"name": "a", "type": "dir"},]}',
+        b'{"version": 1, "entries": [{"name": "a", "type": "dir"} , \n ]}',
+        b'{"version": 1, "entries": [{"name": "a", "type": "dir"}{"name": "b", "type": "dir"}]}',
+        b'{"version": 1, "entries": [{"name": "a", "type": "dir"},,{"name": "b", "type": "dir"}]}',
+        b'{"version": 1, "entries": [{"name": "a", "type": "dir"}',
         b'{"version": 1, "entries": []} trailing',
         b'{"version": 1, "entries": [' + b"[" * 100_000 + b"]",
         b"[]",
@@ -338,6 +344,19 @@ def test_malformed_toc_json_is_a_clean_refusal(text):
 
     with pytest.raises(InvalidLayer):
         parse_toc_json(text, 1 << 20, "estargz", "gzip")
+
+
+@pytest.mark.parametrize("gap", ["", " ", "\n\t ", "\r\n"])
+def test_toc_entries_read_the_same_compact_or_spaced(gap):
+    from csi_oci.lazy.toc import iter_toc_entries
+
+    entries = [{"name": f"d{i}", "type": "dir"} for i in range(3)]
+    text = (
+        f'{{{gap}"version"{gap}:{gap}1{gap},{gap}"entries"{gap}:{gap}[{gap}'
+        + f"{gap},{gap}".join(json.dumps(e) for e in entries)
+        + f"{gap}]{gap}}}{gap}"
+    ).encode()
+    assert list(iter_toc_entries(text, "TOC")) == entries
 
 
 def test_the_entry_budget_refuses_at_the_first_entry_too_many():

@@ -39,7 +39,7 @@ from csi_oci.lazy.toc import (
     iter_toc_entries,
     normalize_name,
 )
-from csi_oci.spec.digest import Digest, parse_digest
+from csi_oci.spec.digest import Digest, digest_or_none, parse_digest
 from csi_oci.stream.inflate import InflateError, new_inflater
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
@@ -177,7 +177,10 @@ def toc_digest_field(raw: dict[str, Any], key: str, name: str) -> Digest | None:
     value = raw.get(key)
     if value is None or value == "":
         return None
-    return parse_digest(value, f"{key} of TOC entry {name!r}", InvalidLayer)
+    digest = digest_or_none(value)
+    if digest is None:  # the message (with the name's repr) is built only for a refusal
+        parse_digest(value, f"{key} of TOC entry {name!r}", InvalidLayer)
+    return digest
 
 
 def entry_from_toc(raw: dict[str, Any], name: str, kind: Any) -> Entry:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from csi_oci.errors import InvalidLayer
 from csi_oci.spec.digest import Digest
@@ -69,7 +69,10 @@ class TocBudget:
             )
 
     def charge_entry(self, what: str) -> None:
-        self.entries += 1
+        self.charge_entries(1, what)
+
+    def charge_entries(self, n: int, what: str) -> None:
+        self.entries += n
         if self.entries > self.max_entries:
             raise InvalidLayer(
                 f"{what}: the image's TOCs hold more than {self.max_entries} entries; "
@@ -78,6 +81,7 @@ class TocBudget:
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_WHITESPACE_CHARS = " \t\n\r"  # "" (the end) is "in" it too: skip() then finds nothing
 
 
 def iter_toc_entries(
@@ -124,6 +128,7 @@ def iter_toc_entries(
     pos = expect(0, "{")
     if text[skip(pos) : skip(pos) + 1] == "}":
         raise InvalidLayer(f"{what} is not a version 1 TOC with entries")
+    decode = decoder.raw_decode
     while True:
         key, pos = value(pos)
         if not isinstance(key, str):
@@ -137,15 +142,31 @@ def iter_toc_entries(
             if text[skip(pos) : skip(pos) + 1] == "]":
                 pos = skip(pos) + 1
             else:
+                pos = skip(pos)
                 while True:
-                    raw, pos = value(pos)
-                    if not isinstance(raw, dict):
+                    # Writers emit compact JSON: the whitespace regex runs
+                    # only when the next byte is not already the delimiter
+                    # (this loop is most of a 65,000-entry TOC's parse).
+                    try:
+                        raw, pos = decode(text, pos)
+                    except json.JSONDecodeError as exc:
+                        raise InvalidLayer(f"{what} is not valid JSON: {exc}") from None
+                    except RecursionError:
+                        raise InvalidLayer(f"{what} is not valid JSON: nested too deeply") from None
+                    if type(raw) is not dict:
                         raise InvalidLayer(f"{what}: an entry is not an object")
                     budget.charge_entry(what)
                     yield raw
-                    pos = skip(pos)
-                    if text[pos : pos + 1] == ",":
+                    delimiter = text[pos : pos + 1]
+                    if delimiter not in (",", "]"):
+                        pos = skip(pos)
+                        delimiter = text[pos : pos + 1]
+                    if delimiter == ",":
                         pos += 1
+                        if text[pos : pos + 1] in _WHITESPACE_CHARS:
+                            pos = skip(pos)
+                        if text[pos : pos + 1] == "]":
+                            raise InvalidLayer(f"{what} is not valid JSON: a trailing comma")
                         continue
                     pos = expect(pos, "]")
                     break
@@ -165,9 +186,13 @@ def iter_toc_entries(
         raise InvalidLayer(f"{what} is not a version 1 TOC with entries")
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """One verifiable span of a file: compressed [offset, end) -> file[chunk_offset:+size]."""
+class Piece(NamedTuple):
+    """One verifiable span of a file: compressed [offset, end) -> file[chunk_offset:+size].
+
+    A NamedTuple, not a frozen dataclass: a 4 GiB zstd:chunked layer has
+    92,000 of them, all built before the first byte is served, and a tuple
+    is built in a third of the time (immutable all the same).
+    """
 
     offset: int  # start of the gzip member / zstd frame(s) in the blob
     end: int  # where the compressed range ends (next piece's offset, or the TOC)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,36 @@ class Digest:
         return self.of(data) == self.hex
 
 
+def digest_or_none(value: object) -> Digest | None:
+    """`value` as a Digest if it is one exactly (see parse_digest), else None.
+
+    The hot path of TOC parsing (one digest per 64 KiB chunk, tens of
+    thousands per GiB): checked once by the regex, no __post_init__ re-check
+    and no error text built for the common, valid case.
+    """
+    if isinstance(value, str):
+        if len(value) == 71 and _SHA256_DIGEST.fullmatch(value):  # the common case, cheaper
+            digest = _new_digest(Digest)
+            _set_algorithm(digest, "sha256")
+            _set_hex(digest, value[7:])
+            return digest
+        match = _DIGEST.fullmatch(value)
+        if match is not None:
+            digest = _new_digest(Digest)
+            _set_algorithm(digest, match.group(1) or match.group(3))
+            _set_hex(digest, match.group(2) or match.group(4))
+            return digest
+    return None
+
+
+# Checked by the regex: build the Digest without __post_init__'s second
+# check, through the slots' own setters (the frozen __setattr__ refuses).
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_new_digest = object.__new__
+_set_algorithm: Callable[[Digest, str], None] = vars(Digest)["algorithm"].__set__
+_set_hex: Callable[[Digest, str], None] = vars(Digest)["hex"].__set__
+
+
 def parse_digest(
     value: object, what: str = "digest", error: type[CsiOciError] = InvalidArgument
 ) -> Digest:
@@ -78,15 +109,9 @@ def parse_digest(
     newline, no upper case (another spelling of the same digest would be
     another file), no unknown algorithm (nothing to verify it with).
     """
-    if isinstance(value, str):
-        match = _DIGEST.fullmatch(value)
-        if match is not None:
-            # Checked just now: skip __post_init__'s second check (a lazy TOC
-            # holds one digest per 64 KiB chunk, tens of thousands per GiB).
-            digest = object.__new__(Digest)
-            object.__setattr__(digest, "algorithm", match.group(1) or match.group(3))
-            object.__setattr__(digest, "hex", match.group(2) or match.group(4))
-            return digest
+    digest = digest_or_none(value)
+    if digest is not None:
+        return digest
     shown = value if isinstance(value, str) else type(value).__name__
     raise error(
         f"invalid {what} {str(shown)[:150]!r}: want sha256:<64 lower-case hex> "
@@ -99,4 +124,4 @@ def validate_digest(value: object, what: str = "digest") -> str:
     return str(parse_digest(value, what))
 
 
-__all__ = ["Digest", "parse_digest", "validate_digest"]
+__all__ = ["Digest", "digest_or_none", "parse_digest", "validate_digest"]
