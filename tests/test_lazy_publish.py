@@ -227,7 +227,9 @@ def test_auto_serves_lazy_images_lazily_and_others_unpacked(registry, lazy_image
 @pytest.mark.slow
 def test_auto_unpacks_zstd_chunked_unless_the_node_opts_in(registry, tmp_path):
     """auto follows the loader benchmark: zstd:chunked is unpacked by default."""
-    blob = estargz_blob(make_layer_tar(FILES, dirs=("models",)), tmp_path / "blob", fmt="zstdchunked")
+    blob = estargz_blob(
+        make_layer_tar(FILES, dirs=("models",)), tmp_path / "blob", fmt="zstdchunked"
+    )
     ref = push_lazy_image(registry, [blob], "lazy/zstd-auto:v1", tmp_path).reference
 
     def filesystem_at(target):

@@ -55,11 +55,42 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._volumes.unpublish(request.volume_id, request.target_path)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        if not request.volume_id:
+            raise InvalidArgument("NodeGetVolumeStats: volume_id is required")
+        if not request.volume_path:
+            raise InvalidArgument("NodeGetVolumeStats: volume_path is required")
+        usage = self._volumes.usage.usage(request.volume_id, request.volume_path)
+        unit = csi_pb2.VolumeUsage.Unit
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            # Read-only trees: all of it is used, nothing is available.
+            usage=[
+                csi_pb2.VolumeUsage(
+                    total=usage.bytes, used=usage.bytes, available=0, unit=unit.BYTES
+                ),
+                csi_pb2.VolumeUsage(
+                    total=usage.inodes, used=usage.inodes, available=0, unit=unit.INODES
+                ),
+            ],
+            volume_condition=csi_pb2.VolumeCondition(
+                abnormal=usage.abnormal, message=usage.message
+            ),
+        )
+
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetCapabilitiesResponse:
-        # None advertised: no staging (kubelet never stages inline volumes), no stats yet.
-        return csi_pb2.NodeGetCapabilitiesResponse()
+        # No staging (kubelet never stages inline volumes); stats and condition
+        # for kubelet's volume metrics and health events.
+        rpc = csi_pb2.NodeServiceCapability.RPC
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.NodeServiceCapability(rpc=rpc(type=kind))
+                for kind in (rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION)
+            ]
+        )
 
     def NodeGetInfo(
         self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext

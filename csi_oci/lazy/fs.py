@@ -16,13 +16,15 @@ proceed in parallel while the trio event loop keeps serving requests.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +71,8 @@ class LazyTree:
         self, layers: list[LazyReader], include: Callable[[str], bool] | None = None
     ) -> None:
         self._next_inode = pyfuse3.ROOT_INODE
+        self.inodes = 1  # what NodeGetVolumeStats reports: set by _count_links
+        self.bytes = 0
         self.root = self._new(None, None)
         self.nodes: dict[int, Node] = {self.root.inode: self.root}
         for reader in layers:
@@ -160,8 +164,13 @@ class LazyTree:
                 if self._is_dir(child) and child.inode not in walked:
                     walked.add(child.inode)
                     todo.append(child)
+        self.inodes = len(seen) + 1  # the root too; a hard link is one inode
+        self.bytes = 0
         for inode, count in seen.items():
-            self.nodes[inode].nlink = count
+            child = self.nodes[inode]
+            child.nlink = count
+            if child.entry is not None and child.entry.type == "reg":
+                self.bytes += child.entry.size
 
 
 @dataclass(frozen=True)
@@ -419,32 +428,53 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a mountpoint is needed")
     image = None
     include = None
-    if args.registry_spec:
-        try:
-            readers, prefetch_mode = registry_readers(args.registry_spec, args.credentials)
-        except CsiOciError as exc:
-            # Say why where the waiting publish looks (csi_oci.publish.lazy_mounts), by class,
-            # so the pod's event carries the right status and not a log tail.
-            if args.error_file:
-                record_start_error(Path(args.error_file), exc)
-            log.error("cannot serve %s: %s", args.registry_spec, exc)
-            return 2
-        spec = json.loads(open(args.registry_spec).read())
-        key = spec.get("key") or spec.get("digest", "")
-        image = ServedImage(spec["reference"], key, spec.get("records_dir"))
-        include = include_matcher(tuple(spec.get("include") or ()))
-        _start_prefetch(readers, prefetch_mode, include)
-        _start_stats(readers, image, Path(args.mountpoint).parent / LAZY_STATS_FILE)
-        # Who serves this image (a standby process's command line does not say).
-        (Path(args.mountpoint).parent / "server.pid").write_text(f"{os.getpid()}\n")
-    else:
-        readers = []
-        for spec in json.loads(open(args.layers).read()):
-            size, fetch = _file_fetch(spec["path"])
-            toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)
-            readers.append(LazyReader(toc, fetch))
-    serve(LazyTree(readers, include), args.mountpoint, image=image)
+    with _no_collection():
+        if args.registry_spec:
+            try:
+                readers, prefetch_mode = registry_readers(args.registry_spec, args.credentials)
+            except CsiOciError as exc:
+                # Say why where the waiting publish looks (csi_oci.publish.lazy_mounts), by class,
+                # so the pod's event carries the right status and not a log tail.
+                if args.error_file:
+                    record_start_error(Path(args.error_file), exc)
+                log.error("cannot serve %s: %s", args.registry_spec, exc)
+                return 2
+            spec = json.loads(open(args.registry_spec).read())
+            key = spec.get("key") or spec.get("digest", "")
+            image = ServedImage(spec["reference"], key, spec.get("records_dir"))
+            include = include_matcher(tuple(spec.get("include") or ()))
+            _start_prefetch(readers, prefetch_mode, include)
+            # Who serves this image (a standby process's command line does not say).
+            (Path(args.mountpoint).parent / "server.pid").write_text(f"{os.getpid()}\n")
+        else:
+            readers = []
+            for spec in json.loads(open(args.layers).read()):
+                size, fetch = _file_fetch(spec["path"])
+                toc = open_toc(spec["media_type"], spec.get("annotations", {}), size, fetch)
+                readers.append(LazyReader(toc, fetch))
+        tree = LazyTree(readers, include)
+    if image is not None:
+        _start_stats(readers, image, tree, Path(args.mountpoint).parent / LAZY_STATS_FILE)
+    serve(tree, args.mountpoint, image=image)
     return 0
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """Build the TOCs, piece tables and tree without the cyclic GC, then freeze them.
+
+    A 4 GiB zstd:chunked layer is 92,000 pieces and digests, all built
+    before the first byte: the collector's passes over that growing heap
+    took a third of the TOC's parse (0.22 -> 0.15 s for 65,000 pieces). The
+    tables live as long as the server, so afterwards they are frozen out of
+    every later collection, where they would be walked again for nothing.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.freeze()
 
 
 def record_start_error(path: Path, exc: CsiOciError) -> None:
@@ -510,8 +540,9 @@ def _start_prefetch(
 STATS_SECONDS = 5.0
 
 
-def _start_stats(readers: list[LazyReader], image: ServedImage, path: Path) -> None:
-    """Write this server's totals for the gRPC server's /metrics (csi_oci.telemetry.endpoint)."""
+def _start_stats(readers: list[LazyReader], image: ServedImage, tree: LazyTree, path: Path) -> None:
+    """Write this server's totals for the gRPC server's /metrics (csi_oci.telemetry.endpoint)
+    and for NodeGetVolumeStats (the tree's size, and whether reads are failing)."""
     import threading
     import time
 
@@ -519,7 +550,12 @@ def _start_stats(readers: list[LazyReader], image: ServedImage, path: Path) -> N
         def total(name: str) -> int:
             return sum(int(getattr(r, name)) for r in readers)
 
+        failing = [r for r in readers if r.failing_since]
         return {
+            "tree_bytes": tree.bytes,
+            "tree_inodes": tree.inodes,
+            "failing_since": min((r.failing_since for r in failing), default=0.0),
+            "last_error": failing[0].last_error if failing else "",
             "image": image.reference,
             "digest": image.key.split(".", 1)[0],
             "read_bytes": total("read_bytes"),

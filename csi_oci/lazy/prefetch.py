@@ -151,7 +151,9 @@ class _Fill:
                 with self.lock:
                     if error is None:
                         self.fetched += fetched
+                        reader.failing_since = 0.0
                         break
+                    reader.failed(error)
                     # A flaky registry delays the background fill; it does not
                     # end it (a complete layer is what makes reads local).
                     self.failures += 1

@@ -28,6 +28,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -224,6 +225,11 @@ class LazyReader:
         self.cache_hits = 0
         self.cache_misses = 0
         self.fetch_errors = 0
+        # The volume condition kubelet asks for (NodeGetVolumeStats): when
+        # reads or the background fill started failing and why; 0.0 / "" while
+        # the last attempt succeeded.
+        self.failing_since = 0.0
+        self.last_error = ""
         self.prefetch_fetched_bytes = 0
         self.prefetch_done_bytes = 0
         self.prefetch_total_bytes = 0
@@ -474,17 +480,26 @@ class LazyReader:
         if data is not None:
             self.read_bytes += len(data)
             self.cache_hits += 1
+            self.failing_since = 0.0  # what pods read, they get
         return data
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         entry = self.entry(name)
         try:
             data = self._read(entry, offset, length)
-        except (CsiOciError, OSError):
+        except (CsiOciError, OSError) as exc:
             self.fetch_errors += 1
+            self.failed(exc)
             raise
+        self.failing_since = 0.0
         self.read_bytes += len(data)
         return data
+
+    def failed(self, exc: BaseException) -> None:
+        """Note a failed fetch (a read's or the background fill's) for the volume condition."""
+        self.last_error = str(exc)[:300] or type(exc).__name__
+        if not self.failing_since:
+            self.failing_since = time.time()
 
     def _read(self, entry: Entry, offset: int, length: int) -> bytes:
         length = min(length, entry.size - offset)

@@ -29,6 +29,7 @@ from csi_oci.publish.binds import bind_tree, make_target_dir, rebind_lazy, remov
 from csi_oci.publish.lazy_mounts import LazyMounts, fuse_available
 from csi_oci.publish.locks import TargetLocks
 from csi_oci.publish.records import STATE_MOUNTING, STATE_PUBLISHED, VolumeRecord, VolumeRecords
+from csi_oci.publish.usage import VolumeUsageReader
 from csi_oci.pull.puller import Puller
 from csi_oci.pull.resolve import ResolvedImage
 from csi_oci.spec.attributes import Mode, PullPolicy, VolumeSpec
@@ -65,6 +66,7 @@ class VolumeManager:
         self.publish_wait = publish_wait
         self.records = VolumeRecords(store.root / "volumes")
         self.locks = TargetLocks(self.records.dir / "locks", publish_wait)
+        self.usage = VolumeUsageReader(store, self.records, lazy.root if lazy else None)
         puller.in_use = self.records.in_use  # trees of published volumes are never evicted
 
     def recover(self) -> None:

@@ -211,7 +211,7 @@ class Puller:
             else:
                 artifact = ArtifactLayers(self.store, job, client)
                 artifact.apply(replace(plan, layers=layers), rootfs, budget, select)
-            files, nbytes, own = _count_tree(rootfs, self.store.blobs)
+            files, nbytes, own, entries = _count_tree(rootfs, self.store.blobs)
             record = ImageRecord(
                 digest=resolved.digest,
                 reference=str(resolved.reference),
@@ -225,6 +225,7 @@ class Puller:
                 include=list(resolved.include),
                 key=resolved.key,
                 own_bytes=own,
+                entries=entries,
             )
             job.progress.phase = "committing"
             crash_point("before-commit")
@@ -240,7 +241,7 @@ class Puller:
         return tree, record
 
 
-def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int]:
+def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int, int]:
     """Regular files, their bytes, and what only this tree holds on disk: bytes of
     files not hard-linked from the blob store (counted there), plus every entry
     (directories, links, files) at ENTRY_DISK_BYTES, as the pull's budget charged
@@ -250,8 +251,10 @@ def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int]:
         with contextlib.suppress(OSError):
             blob_inodes.add(entry.lstat().st_ino)
     files = nbytes = own = 0
+    entries = 1  # the root
     seen: set[int] = set()
     for dirpath, dirnames, filenames in os.walk(root):
+        entries += len(dirnames) + len(filenames)
         own += (len(dirnames) + len(filenames)) * ENTRY_DISK_BYTES
         for name in filenames:
             st = os.lstat(os.path.join(dirpath, name))
@@ -261,4 +264,4 @@ def _count_tree(root: Path, blob_store: Path) -> tuple[int, int, int]:
                 if st.st_ino not in seen and st.st_ino not in blob_inodes:
                     own += st.st_size
                 seen.add(st.st_ino)
-    return files, nbytes, own
+    return files, nbytes, own, entries

@@ -42,6 +42,7 @@ class ImageRecord:
     include: list[str] = field(default_factory=list)
     key: str = ""
     own_bytes: int = 0  # on disk for this tree alone (shared raw blobs not counted)
+    entries: int = 0  # directories, files and links, the root included (0: an older record)
 
     def summary(self) -> str:
         """The one-line summary users see in the log and in `csi-oci ls`."""

@@ -61,10 +61,22 @@ LAZY_GAUGES: dict[str, tuple[str, str]] = {
 }
 
 
-LAZY_TEXT_KEYS = ("image", "digest")
+LAZY_TEXT_KEYS = ("image", "digest", "last_error")
 
 
-LAZY_NUMBER_KEYS = (*LAZY_COUNTERS, *LAZY_FETCHED, *LAZY_GAUGES, "pid", "updated_at")
+# Read by NodeGetVolumeStats (csi_oci.publish.usage), not made metrics here:
+# kubelet turns them into kubelet_volume_stats_* and the volume condition.
+LAZY_VOLUME_KEYS = ("tree_bytes", "tree_inodes", "failing_since")
+
+
+LAZY_NUMBER_KEYS = (
+    *LAZY_COUNTERS,
+    *LAZY_FETCHED,
+    *LAZY_GAUGES,
+    *LAZY_VOLUME_KEYS,
+    "pid",
+    "updated_at",
+)
 
 
 def write_lazy_stats(path: Path | str, stats: dict[str, Any]) -> None:
@@ -107,6 +119,7 @@ class LazyStats:
     digest: str
     numbers: dict[str, float]
     server: str = ""  # the stats file's directory under <state>/lazy: one per server
+    last_error: str = ""  # why reads fail, while they do (see numbers["failing_since"])
 
 
 def read_lazy_stats(lazy_root: Path, *, now: float | None = None) -> list[LazyStats]:
@@ -114,29 +127,38 @@ def read_lazy_stats(lazy_root: Path, *, now: float | None = None) -> list[LazySt
     now = time.time() if now is None else now
     found = []
     for path in sorted(lazy_root.glob(f"*/{LAZY_STATS_FILE}")):
-        try:
-            if now - path.stat().st_mtime > LAZY_STATS_STALE_SECONDS:
-                continue
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a server mid-exit or a torn file: next snapshot will tell
-        if not isinstance(raw, dict):
-            continue
-        numbers = {
-            k: float(v)
-            for k, v in raw.items()
-            if k in LAZY_NUMBER_KEYS and isinstance(v, int | float) and not isinstance(v, bool)
-        }
-        digest = raw.get("digest") if isinstance(raw.get("digest"), str) else ""
-        found.append(
-            LazyStats(
-                image=str(raw.get("image") or ""),
-                digest=digest or f"sha256:{path.parent.name}",
-                numbers=numbers,
-                server=path.parent.name,
-            )
-        )
+        stats = read_server_stats(path.parent, now=now)
+        if stats is not None:
+            found.append(stats)
     return found
+
+
+def read_server_stats(server_dir: Path, *, now: float | None = None) -> LazyStats | None:
+    """One FUSE server's stats file (`<state>/lazy/<hex>/stats.json`), if fresh and readable."""
+    path = server_dir / LAZY_STATS_FILE
+    now = time.time() if now is None else now
+    try:
+        if now - path.stat().st_mtime > LAZY_STATS_STALE_SECONDS:
+            return None
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a server mid-exit or a torn file: next snapshot will tell
+    if not isinstance(raw, dict):
+        return None
+    numbers = {
+        k: float(v)
+        for k, v in raw.items()
+        if k in LAZY_NUMBER_KEYS and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    digest = raw.get("digest") if isinstance(raw.get("digest"), str) else ""
+    last_error = raw.get("last_error")
+    return LazyStats(
+        image=str(raw.get("image") or ""),
+        digest=digest or f"sha256:{path.parent.name}",
+        numbers=numbers,
+        server=path.parent.name,
+        last_error=last_error if isinstance(last_error, str) else "",
+    )
 
 
 LAZY_COUNTER_KEYS = (*LAZY_COUNTERS, *LAZY_FETCHED)
