@@ -479,3 +479,45 @@ def test_a_gzip_bomb_for_a_toc_stops_at_the_cap(blobs, tmp_path):
     result = peak_rss_of_opening(hostile, tmp_path / "gzip-bomb")
     assert result["outcome"].startswith("refused"), result
     assert result["peak_mb"] < 100 + 2 * MAX_TOC_JSON_BYTES / (1 << 20), result
+
+
+@pytest.mark.parametrize(
+    "entries, words",
+    [
+        ([reg("f", True, offset=0)], "Expected `int`, got `bool` - at `$.entries[0].size`"),
+        ([reg("f", 5, offset=-1)], "Expected `int` >= 0 - at `$.entries[0].offset`"),
+        ([reg("f", 5, offset=1.5)], "Expected `int`, got `float` - at `$.entries[0].offset`"),
+        (
+            [{"type": "dir", "name": "d", "xattrs": {f"user.{i}": "" for i in range(257)}}],
+            "Expected `object` of length <= 256 - at `$.entries[0].xattrs`",
+        ),
+        ([{"type": "dir", "name": 7}], "Expected `str`, got `int` - at `$.entries[0].name`"),
+    ],
+)
+def test_containers_toc_fields_are_typed_at_decode(entries, words):
+    from csi_oci.lazy.zstdchunked import parse_containers_toc
+
+    text = json.dumps({"version": 1, "entries": entries}).encode()
+    with pytest.raises(InvalidLayer) as err:
+        parse_containers_toc(text, 1 << 20)
+    assert str(err.value) == f"zstd:chunked TOC is not a valid containers/storage TOC: {words}"
+
+
+def test_containers_toc_entry_bomb_is_refused_before_decoding():
+    """Two million tiny entries in 32 MiB: refused by counting, nothing built."""
+    import resource
+
+    from csi_oci.lazy.toc import TocBudget
+    from csi_oci.lazy.zstdchunked import parse_containers_toc
+
+    text = b'{"version":1,"entries":[' + b",".join([b"{}"] * 2_000_000) + b"]}"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InvalidLayer, match="more than 250000 entries"):
+        parse_containers_toc(text, 1 << 20, TocBudget())
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 50, grown_mb
+    # Within the budget, the exact count is charged.
+    budget = TocBudget(max_entries=3)
+    small = json.dumps({"version": 1, "entries": [{"type": "dir", "name": "d"}] * 4}).encode()
+    with pytest.raises(InvalidLayer, match="more than 3 entries"):
+        parse_containers_toc(small, 1 << 20, budget)
