@@ -61,6 +61,14 @@ def slow(registry: Registry, node_ip: str) -> Iterator[Forwarder]:
     fwd.stop()
 
 
+@pytest.fixture(scope="session")
+def flaky(registry: Registry, node_ip: str) -> Iterator[Forwarder]:
+    """The registry behind a forwarder a test may turn off (Forwarder.refuse)."""
+    fwd = Forwarder(node_ip, registry.port)
+    yield fwd
+    fwd.stop()
+
+
 def _render_chart(hosts: list[str], workdir: Path) -> str:
     values = {
         "namespace": {"create": True},
@@ -90,9 +98,12 @@ def wait_driver_ready() -> None:
 
 
 @pytest.fixture(scope="session")
-def driver(anon: Forwarder, basic: Forwarder, slow: Forwarder, tmp_path_factory) -> str:
+def driver(
+    anon: Forwarder, basic: Forwarder, slow: Forwarder, flaky: Forwarder, tmp_path_factory
+) -> str:
     """The chart deployed; the test namespace exists.  Returns the namespace."""
-    manifests = _render_chart([anon.host, basic.host, slow.host], tmp_path_factory.mktemp("chart"))
+    hosts = [anon.host, basic.host, slow.host, flaky.host]
+    manifests = _render_chart(hosts, tmp_path_factory.mktemp("chart"))
     kubectl("apply", "-f", "-", input=manifests)
     wait_driver_ready()
     kubectl("create", "namespace", NS, check=False)

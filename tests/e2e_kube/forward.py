@@ -43,7 +43,21 @@ class Forwarder:
         self.port = int(self._listener.getsockname()[1])
         self.host = f"{bind_ip}:{self.port}"
         self._stopped = False
+        self._refusing = False
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def refuse(self, refusing: bool = True) -> None:
+        """Cut every open connection and refuse new ones (a registry gone), or serve again."""
+        with self._lock:
+            self._refusing = refusing
+            cut = list(self._open) if refusing else []
+        for sock in cut:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _accept(self) -> None:
         while not self._stopped:
@@ -54,17 +68,23 @@ class Forwarder:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            refusing = self._refusing
+        if refusing:
+            client.close()
+            return
         try:
             upstream = socket.create_connection(self.upstream, timeout=30)
         except OSError:
             client.close()
             return
         upstream.settimeout(None)
+        with self._lock:
+            self._open.update((client, upstream))
         threading.Thread(target=self._copy, args=(client, upstream, None), daemon=True).start()
         self._copy(upstream, client, self._bucket)
 
-    @staticmethod
-    def _copy(src: socket.socket, dst: socket.socket, bucket: _Bucket | None) -> None:
+    def _copy(self, src: socket.socket, dst: socket.socket, bucket: _Bucket | None) -> None:
         try:
             while data := src.recv(CHUNK):
                 if bucket is not None:
@@ -79,6 +99,8 @@ class Forwarder:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            with self._lock:
+                self._open.difference_update((src, dst))
             src.close()
             dst.close()
 

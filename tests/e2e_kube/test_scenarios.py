@@ -360,3 +360,187 @@ def test_pull_longer_than_kubelets_call_timeout(
     assert sha256_tree("slow", "/models") == {n: _sha(d) for n, d in files.items()}
     events = kube.event_messages("slow")
     assert any("in progress" in e for e in events), events
+
+
+def _kubelet_volume_stats(pvc: str) -> dict[str, float]:
+    """kubelet's kubelet_volume_stats_* for one PVC of the test namespace (its /metrics)."""
+    node = kube.node_pod()["spec"]["nodeName"]
+    text = kube.kubectl("get", "--raw", f"/api/v1/nodes/{node}/proxy/metrics")
+    found = {}
+    for line in text.splitlines():
+        if not line.startswith("kubelet_volume_stats_"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        if f'persistentvolumeclaim="{pvc}"' in name_labels and f'namespace="{NS}"' in name_labels:
+            found[name_labels.split("{", 1)[0]] = float(value)
+    return found
+
+
+def test_volume_stats_and_condition_reach_kubelet(
+    registry: Registry, flaky: Forwarder, tmp_path: Path
+) -> None:
+    """NodeGetVolumeStats feeds kubelet_volume_stats_*; an abnormal condition (a lazy
+    volume whose registry is gone) becomes kubelet's metric and a pod event."""
+    files = {"models/config.json": b'{"stats": true}', "models/weights.bin": os.urandom(3 << 20)}
+    blob = estargz_blob(make_layer_tar(files, dirs=["models"]), tmp_path)
+    push_lazy_image(registry, [blob], "models/stats:v1", tmp_path)
+    image = ref(flaky, "models/stats:v1")
+    apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": "e2e-stats-lazy"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "csi": {
+                    "driver": kube.DRIVER,
+                    "volumeHandle": "e2e-stats-lazy",
+                    "readOnly": True,
+                    "volumeAttributes": {"image": image, "mode": "lazy", "prefetch": "none"},
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "stats-lazy", "namespace": NS},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "volumeName": "e2e-stats-lazy",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+        reader_pod(
+            "stats", {"persistentVolumeClaim": {"claimName": "stats-lazy", "readOnly": True}}
+        ),
+    )
+    try:
+        wait_running("stats")
+        assert exec_pod("stats", "cat /models/models/config.json") == '{"stats": true}'
+        # bytes and inodes of the tree the pod sees: /, models/ and the two files
+        want_bytes = sum(len(d) for d in files.values())
+
+        def counted() -> dict[str, float] | None:
+            got = _kubelet_volume_stats("stats-lazy")
+            return got if got.get("kubelet_volume_stats_used_bytes") == want_bytes else None
+
+        got = kube.wait_until("kubelet_volume_stats_used_bytes of the PVC", counted, 90)
+        assert got["kubelet_volume_stats_capacity_bytes"] == want_bytes
+        assert got["kubelet_volume_stats_available_bytes"] == 0
+        assert got["kubelet_volume_stats_inodes_used"] == 4
+        assert got.get("kubelet_volume_stats_health_status_abnormal") == 0
+        # The registry goes away; a read of bytes not fetched yet fails.
+        flaky.refuse()
+        out = exec_pod("stats", "cat /models/models/weights.bin > /dev/null 2>&1; echo rc=$?")
+        assert "rc=0" not in out, out
+
+        def abnormal_event() -> str | None:
+            for message in kube.event_messages("stats"):
+                if message.startswith("VolumeConditionAbnormal: "):
+                    return message
+            return None
+
+        message = kube.wait_until("VolumeConditionAbnormal event", abnormal_event, 120)
+        assert f"reads of {image} fail since" in message, message
+        kube.wait_until(
+            "kubelet_volume_stats_health_status_abnormal is 1",
+            lambda: (
+                _kubelet_volume_stats("stats-lazy").get(
+                    "kubelet_volume_stats_health_status_abnormal"
+                )
+                == 1
+            ),
+            60,
+        )
+        # The registry is back: the read works and the condition clears.
+        flaky.refuse(False)
+        assert _sha(_exec_bytes("stats", "/models/models/weights.bin")) == _sha(
+            files["models/weights.bin"]
+        )
+        kube.wait_until(
+            "kubelet_volume_stats_health_status_abnormal back to 0",
+            lambda: (
+                _kubelet_volume_stats("stats-lazy").get(
+                    "kubelet_volume_stats_health_status_abnormal"
+                )
+                == 0
+            ),
+            60,
+        )
+    finally:
+        flaky.refuse(False)
+        delete("pod", "stats")
+        delete("pvc", "stats-lazy")
+        delete("pv", "e2e-stats-lazy", ns=None)
+
+
+def _exec_bytes(pod: str, path: str) -> bytes:
+    return base64.b64decode(exec_pod(pod, f"base64 {path}"))
+
+
+def _driver_pid() -> int:
+    """The host pid of the node plugin's `csi-oci serve` (the csi-oci container)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"serve" in args
+            and b"--mode=node" in args
+            and b"--endpoint=unix:///csi/csi.sock" in args
+        ):
+            found.append(int(proc.name))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _restarts(pod: dict, container: str) -> int:
+    for status in pod["status"].get("containerStatuses") or []:
+        if status["name"] == container:
+            return int(status.get("restartCount", 0))
+    raise AssertionError(f"no container {container} in {pod['metadata']['name']}")
+
+
+def test_liveness_probe_restarts_a_driver_whose_socket_stops_answering(model, anon) -> None:
+    """The real livenessprobe sidecar calls Probe on the socket; a driver that stops
+    answering (SIGSTOP: the socket accepts, nothing replies) is restarted by kubelet,
+    and published volumes keep serving meanwhile."""
+    import signal
+
+    repo_tag, expected = model
+    apply(reader_pod("alive", inline({"image": ref(anon, repo_tag)})))
+    wait_running("alive")
+    pod = kube.node_pod()
+    name, before = pod["metadata"]["name"], _restarts(pod, "csi-oci")
+    pid = _driver_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        kube.wait_until(
+            "kubelet restarts the csi-oci container",
+            lambda: _restarts(kube.node_pod(), "csi-oci") > before,
+            300,
+            every=5,
+        )
+    finally:
+        try:  # if kubelet did not kill it, let it run again
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    events = kube.event_messages(name, ns="csi-oci")
+    assert any(e.startswith("Unhealthy: Liveness probe failed") for e in events), events
+    wait_driver_ready()
+    assert _driver_pid() != pid
+    # The unpacked volume was a bind mount all along.
+    assert sha256_tree("alive", "/models") == expected
+    # And the restarted driver publishes again.
+    apply(reader_pod("alive-after", inline({"image": ref(anon, repo_tag)})))
+    wait_running("alive-after")
+    assert sha256_tree("alive-after", "/models") == expected
