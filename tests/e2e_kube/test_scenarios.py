@@ -439,13 +439,15 @@ def test_volume_stats_and_condition_reach_kubelet(
         assert "rc=0" not in out, out
 
         def abnormal_event() -> str | None:
+            # (events outlive pods: an earlier run's "stats" pod named another registry)
             for message in kube.event_messages("stats"):
-                if message.startswith("VolumeConditionAbnormal: "):
+                if message.startswith(f"VolumeConditionAbnormal: Volume model: reads of {image} "):
                     return message
             return None
 
         message = kube.wait_until("VolumeConditionAbnormal event", abnormal_event, 120)
         assert f"reads of {image} fail since" in message, message
+        assert f"cannot connect to registry {flaky.host}" in message, message
         kube.wait_until(
             "kubelet_volume_stats_health_status_abnormal is 1",
             lambda: (
@@ -544,3 +546,53 @@ def test_liveness_probe_restarts_a_driver_whose_socket_stops_answering(model, an
     apply(reader_pod("alive-after", inline({"image": ref(anon, repo_tag)})))
     wait_running("alive-after")
     assert sha256_tree("alive-after", "/models") == expected
+
+
+def test_daemonset_upgrade_while_pods_read(
+    model, registry: Registry, anon: Forwarder, tmp_path: Path
+) -> None:
+    """A rolling update of the node plugin to a new image while pods read: unpacked
+    volumes never fail a read; lazy volumes (HostToContainer) read again once the new
+    lazy-server binds them, with the same bytes."""
+    repo_tag, expected = model
+    lazy_files = {"models/weights.bin": os.urandom(2 * 2**20), "models/config.json": b"{}"}
+    blob = estargz_blob(make_layer_tar(lazy_files, dirs=["models"]), tmp_path)
+    push_lazy_image(registry, [blob], "models/lazy-upgrade:v1", tmp_path)
+    lazy_volume = inline({"image": ref(anon, "models/lazy-upgrade:v1"), "mode": "lazy"})
+    apply(
+        reader_pod("up-unpacked", inline({"image": ref(anon, repo_tag)}), command=READ_LOOP),
+        reader_pod("up-lazy", lazy_volume, command=READ_LOOP, propagation="HostToContainer"),
+    )
+    wait_running("up-unpacked")
+    wait_running("up-lazy")
+    ds = kube.get("daemonset", "csi-oci-node", ns="csi-oci")
+    assert ds is not None
+    containers = {c["name"]: c["image"] for c in ds["spec"]["template"]["spec"]["containers"]}
+    old_image = containers["csi-oci"]
+    new_image = f"{old_image}-next"
+    old_pod = kube.node_pod()["metadata"]["name"]
+    targets = [f"{name}={new_image}" for name in ("csi-oci", "lazy-server") if name in containers]
+    kube.kubectl("set", "image", "-n", "csi-oci", "daemonset/csi-oci-node", *targets)
+    try:
+        wait_driver_ready()
+        pod = kube.node_pod()
+        assert pod["metadata"]["name"] != old_pod
+        images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
+        assert images["csi-oci"] == new_image
+        upgraded = time.time()
+
+        def lazy_reads_again() -> bool:
+            return int(exec_pod("up-lazy", "cat /tmp/ok")) > upgraded
+
+        kube.wait_until("lazy volume readable after the upgrade", lazy_reads_again, 90, every=1)
+        assert exec_pod("up-unpacked", "cat /tmp/errors") == ""
+        assert _sums("up-unpacked") == expected
+        assert _sums("up-lazy") == {n: _sha(d) for n, d in lazy_files.items()}
+        # The upgraded driver publishes new volumes.
+        apply(reader_pod("up-after", inline({"image": ref(anon, repo_tag)})))
+        wait_running("up-after")
+        assert sha256_tree("up-after", "/models") == expected
+    finally:
+        back = [f"{name}={old_image}" for name in ("csi-oci", "lazy-server") if name in containers]
+        kube.kubectl("set", "image", "-n", "csi-oci", "daemonset/csi-oci-node", *back)
+        wait_driver_ready()
