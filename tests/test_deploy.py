@@ -2,7 +2,7 @@
 
 Everything is checked offline with the real tools: helm (built by
 hack/install-deps into .cache/bin) renders the chart, and kubernetes-validate
-checks every object against the Kubernetes 1.25 and 1.30 API schemas it
+checks every object against the API schemas of every Kubernetes minor from 1.25 to 1.30 it
 ships, in strict mode (unknown fields are errors, so a typo cannot hide).
 Beyond the schemas, the tests pin what the schemas cannot know: the CSIDriver
 settings, privileges and mount propagation of the node plugin, that every
@@ -34,7 +34,7 @@ MANIFESTS = REPO / "deploy" / "manifests"
 EXAMPLES = REPO / "deploy" / "examples"
 HELM = REPO / ".cache" / "bin" / "helm"
 
-KUBERNETES_VERSIONS = ["1.25", "1.30"]
+KUBERNETES_VERSIONS = ["1.25", "1.26", "1.27", "1.28", "1.29", "1.30"]
 
 # Non-default values touching every knob of the chart at once.
 CUSTOM_VALUES = {
