@@ -50,10 +50,13 @@ def test_node_mode_does_not_advertise_controller(tmp_path):
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         node_info = d.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
         assert node_info.node_id == "test-node"
-        assert (
-            list(d.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities)
-            == []
-        )
+        # No staging; stats and condition only (tests/test_volume_stats.py).
+        node_caps = d.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())
+        rpc = csi_pb2.NodeServiceCapability.RPC
+        assert [c.rpc.type for c in node_caps.capabilities] == [
+            rpc.GET_VOLUME_STATS,
+            rpc.VOLUME_CONDITION,
+        ]
     finally:
         d.stop()
 
