@@ -174,7 +174,11 @@ def toc_digest_field(raw: dict[str, Any], key: str, name: str) -> Digest | None:
     cache, and the image's author wrote them: one rule (csi_oci.digest), at
     parse, so nothing downstream ever holds an unchecked one.
     """
-    value = raw.get(key)
+    return toc_digest(raw.get(key), key, name)
+
+
+def toc_digest(value: object, key: str, name: str) -> Digest | None:
+    """A digest field's value (either TOC schema): None if empty, else a valid Digest."""
     if value is None or value == "":
         return None
     digest = digest_or_none(value)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from csi_oci.errors import InvalidLayer
 from csi_oci.spec.digest import Digest
@@ -71,13 +71,21 @@ class TocBudget:
     def charge_entry(self, what: str) -> None:
         self.charge_entries(1, what)
 
+    def ensure_room(self, n: int, what: str) -> None:
+        """Refuse now if `n` more entries could not fit (nothing is charged)."""
+        if self.entries + n > self.max_entries:
+            self._refuse(what)
+
     def charge_entries(self, n: int, what: str) -> None:
         self.entries += n
         if self.entries > self.max_entries:
-            raise InvalidLayer(
-                f"{what}: the image's TOCs hold more than {self.max_entries} entries; "
-                "serve it with mode unpack"
-            )
+            self._refuse(what)
+
+    def _refuse(self, what: str) -> NoReturn:
+        raise InvalidLayer(
+            f"{what}: the image's TOCs hold more than {self.max_entries} entries; "
+            "serve it with mode unpack"
+        )
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")

@@ -33,6 +33,7 @@ from csi_oci.lazy.estargz import (
     check_toc_digest,
     entry_from_toc,
     parse_toc_json,
+    toc_digest,
     verify_piece,
 )
 from csi_oci.lazy.toc import (
@@ -45,7 +46,7 @@ from csi_oci.lazy.toc import (
     check_coverage,
     normalize_name,
 )
-from csi_oci.spec.digest import Digest, digest_or_none, parse_digest
+from csi_oci.spec.digest import Digest, parse_digest
 from csi_oci.stream.inflate import MAX_ZSTD_WINDOW
 
 PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
@@ -228,15 +229,10 @@ def _decode_containers_toc(toc_json: bytes, budget: TocBudget) -> list[_Containe
     what = "zstd:chunked TOC"
     budget.charge_json(len(toc_json), what)
     # Every entry is an object, so a TOC holds at most as many entries as it
-    # has "{" (an xattrs map or a brace in a name adds one): a TOC of millions
-    # of tiny entries is refused before any is built. The exact count is
-    # charged after decoding.
-    room = budget.max_entries - budget.entries
-    if toc_json.count(b"{") > 2 * room + 1:
-        raise InvalidLayer(
-            f"{what}: the image's TOCs hold more than {budget.max_entries} entries; "
-            "serve it with mode unpack"
-        )
+    # has "{" (an xattrs map or a brace in a name adds one; half of them is a
+    # safe floor): a TOC of millions of tiny entries is refused before any is
+    # built. The exact count is charged after decoding.
+    budget.ensure_room(toc_json.count(b"{") // 2, what)
     try:
         toc = _DECODER.decode(toc_json)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -308,11 +304,7 @@ def parse_containers_toc(toc_json: bytes, toc_offset: int, budget: TocBudget | N
 
 
 def _containers_chunk(raw: _ContainersEntry, name: str) -> _RawChunk:
-    digest = None
-    if raw.chunk_digest:
-        digest = digest_or_none(raw.chunk_digest)
-        if digest is None:  # the message (with the name's repr) is built only for a refusal
-            parse_digest(raw.chunk_digest, f"chunkDigest of TOC entry {name!r}", InvalidLayer)
+    digest = toc_digest(raw.chunk_digest, "chunkDigest", name)
     return (raw.offset, raw.chunk_offset, raw.chunk_size, digest, raw.chunk_type == "zeros")
 
 

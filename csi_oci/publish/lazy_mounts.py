@@ -86,11 +86,12 @@ class LazyMounts:
 
     # -- paths -----------------------------------------------------------------
 
-    def _dir(self, key: str) -> Path:
+    def server_dir(self, key: str) -> Path:
+        """One image's directory: desired state, mount point, stats file, log."""
         return self.root / key.partition(":")[2]
 
     def mountpoint(self, key: str) -> Path:
-        return self._dir(key) / "mnt"
+        return self.server_dir(key) / "mnt"
 
     def _credentials_path(self, key: str) -> Path:
         return self.runtime_dir / f"{self._store_id}-{key.partition(':')[2]}.json"
@@ -126,7 +127,7 @@ class LazyMounts:
             raise FailedPrecondition("mode lazy needs /dev/fuse on the node")
         self.mountpoint(key).mkdir(parents=True, exist_ok=True)
         self._save_credentials(key, credentials)
-        write_json_atomic(self._dir(key) / "image.json", image)
+        write_json_atomic(self.server_dir(key) / "image.json", image)
         if self.external:
             return self._wait_for_lazy_server(key, str(resolved.reference))
         return self.start(key)
@@ -181,7 +182,7 @@ class LazyMounts:
     def start(self, key: str) -> Path:
         """(Re)start the image's FUSE server from its desired state; the mount point."""
         mnt = self.mountpoint(key)
-        image = read_json(self._dir(key) / "image.json")
+        image = read_json(self.server_dir(key) / "image.json")
         if image is None:
             raise MountError(f"{key} is not requested to be served lazily")
         old = self._children.pop(key, None)
@@ -302,14 +303,14 @@ class LazyMounts:
 
     def revive(self, key: str) -> Path:
         """Restart the server of an image whose server died; the new mount point."""
-        image = read_json(self._dir(key) / "image.json") or {}
+        image = read_json(self.server_dir(key) / "image.json") or {}
         log.warning("the lazy filesystem of %s died; starting it again", image.get("reference"))
         return self.start(key)
 
     def release(self, key: str) -> None:
         """Stop serving the image: forget its desired state, unmount (the server exits)."""
-        (self._dir(key) / "image.json").unlink(missing_ok=True)
-        (self._dir(key) / "error").unlink(missing_ok=True)
+        (self.server_dir(key) / "image.json").unlink(missing_ok=True)
+        (self.server_dir(key) / "error").unlink(missing_ok=True)
         self._credentials_path(key).unlink(missing_ok=True)
         mnt = self.mountpoint(key)
         server = _server_pid(mnt.parent)
@@ -331,10 +332,10 @@ class LazyMounts:
     def record_error(self, key: str, exc: CsiOciError) -> None:
         """The lazy-server's answer to a failed start, for the waiting publish."""
         record = {"kind": type(exc).__name__, "message": str(exc), "at": time.time()}
-        write_json_atomic(self._dir(key) / "error", record)
+        write_json_atomic(self.server_dir(key) / "error", record)
 
     def _wait_for_lazy_server(self, key: str, reference: str) -> Path:
-        error_path = self._dir(key) / "error"
+        error_path = self.server_dir(key) / "error"
         error_path.unlink(missing_ok=True)
         deadline = time.monotonic() + START_TIMEOUT
         next_wake = 0.0

@@ -25,10 +25,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 from csi_oci.errors import NotFound
 from csi_oci.publish import mounts
+from csi_oci.publish.lazy_mounts import LazyMounts
 from csi_oci.publish.records import STATE_PUBLISHED, VolumeRecord, VolumeRecords
 from csi_oci.spec.attributes import KEY_IMAGE, KEY_SUB_PATH
 from csi_oci.storage.store import Store
@@ -54,10 +54,10 @@ class VolumeUsage:
 class VolumeUsageReader:
     """Answers NodeGetVolumeStats from the records the publish path keeps."""
 
-    def __init__(self, store: Store, records: VolumeRecords, lazy_root: Path | None) -> None:
+    def __init__(self, store: Store, records: VolumeRecords, lazy: LazyMounts | None) -> None:
         self.store = store
         self.records = records
-        self.lazy_root = lazy_root
+        self.lazy = lazy
         self._walks: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -94,9 +94,7 @@ class VolumeUsageReader:
         if broken is not None:
             return VolumeUsage(0, 0, True, broken)
         key = rec.tree.removeprefix("lazy:")
-        stats = None
-        if self.lazy_root is not None:
-            stats = read_server_stats(self.lazy_root / key.partition(":")[2])
+        stats = read_server_stats(self.lazy.server_dir(key)) if self.lazy is not None else None
         if rec.spec.get(KEY_SUB_PATH) or stats is None or "tree_inodes" not in stats.numbers:
             nbytes, inodes = self._walked(rec, target)
         else:

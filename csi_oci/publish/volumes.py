@@ -66,7 +66,7 @@ class VolumeManager:
         self.publish_wait = publish_wait
         self.records = VolumeRecords(store.root / "volumes")
         self.locks = TargetLocks(self.records.dir / "locks", publish_wait)
-        self.usage = VolumeUsageReader(store, self.records, lazy.root if lazy else None)
+        self.usage = VolumeUsageReader(store, self.records, lazy)
         puller.in_use = self.records.in_use  # trees of published volumes are never evicted
 
     def recover(self) -> None:

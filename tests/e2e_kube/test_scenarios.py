@@ -91,13 +91,14 @@ def _cleanup_pods(driver: str) -> Iterator[None]:
     kube.kubectl("delete", "pods", "--all", "-n", NS, "--wait=true", timeout=300)
 
 
-def test_static_pv_pvc_pod_reads_every_file(model, anon: Forwarder) -> None:
-    repo_tag, expected = model
-    apply(
+def static_pv_and_claim(claim: str, attributes: dict[str, str]) -> tuple[dict, dict]:
+    """A read-only CSI PersistentVolume `e2e-<claim>` and the claim `claim` bound to it."""
+    pv = f"e2e-{claim}"
+    return (
         {
             "apiVersion": "v1",
             "kind": "PersistentVolume",
-            "metadata": {"name": "e2e-static-tiny"},
+            "metadata": {"name": pv},
             "spec": {
                 "capacity": {"storage": "1Gi"},
                 "accessModes": ["ReadOnlyMany"],
@@ -105,23 +106,30 @@ def test_static_pv_pvc_pod_reads_every_file(model, anon: Forwarder) -> None:
                 "storageClassName": "",
                 "csi": {
                     "driver": kube.DRIVER,
-                    "volumeHandle": "e2e-static-tiny",
+                    "volumeHandle": pv,
                     "readOnly": True,
-                    "volumeAttributes": {"image": ref(anon, repo_tag)},
+                    "volumeAttributes": attributes,
                 },
             },
         },
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "static-tiny", "namespace": NS},
+            "metadata": {"name": claim, "namespace": NS},
             "spec": {
                 "accessModes": ["ReadOnlyMany"],
                 "storageClassName": "",
-                "volumeName": "e2e-static-tiny",
+                "volumeName": pv,
                 "resources": {"requests": {"storage": "1Gi"}},
             },
         },
+    )
+
+
+def test_static_pv_pvc_pod_reads_every_file(model, anon: Forwarder) -> None:
+    repo_tag, expected = model
+    apply(
+        *static_pv_and_claim("static-tiny", {"image": ref(anon, repo_tag)}),
         reader_pod(
             "static", {"persistentVolumeClaim": {"claimName": "static-tiny", "readOnly": True}}
         ),
@@ -386,34 +394,7 @@ def test_volume_stats_and_condition_reach_kubelet(
     push_lazy_image(registry, [blob], "models/stats:v1", tmp_path)
     image = ref(flaky, "models/stats:v1")
     apply(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": "e2e-stats-lazy"},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadOnlyMany"],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "storageClassName": "",
-                "csi": {
-                    "driver": kube.DRIVER,
-                    "volumeHandle": "e2e-stats-lazy",
-                    "readOnly": True,
-                    "volumeAttributes": {"image": image, "mode": "lazy", "prefetch": "none"},
-                },
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "stats-lazy", "namespace": NS},
-            "spec": {
-                "accessModes": ["ReadOnlyMany"],
-                "storageClassName": "",
-                "volumeName": "e2e-stats-lazy",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
+        *static_pv_and_claim("stats-lazy", {"image": image, "mode": "lazy", "prefetch": "none"}),
         reader_pod(
             "stats", {"persistentVolumeClaim": {"claimName": "stats-lazy", "readOnly": True}}
         ),
