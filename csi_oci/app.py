@@ -18,6 +18,8 @@ from csi_oci.pull.puller import Puller
 from csi_oci.spec.credentials import NodeCredentials
 from csi_oci.storage.store import Store
 from csi_oci.unpack.budget import DEFAULT_MAX_IMAGE_ENTRIES, Limits
+from csi_oci.verify.policy import PolicySource
+from csi_oci.verify.verifier import SignatureCheck
 
 
 @dataclass
@@ -47,6 +49,7 @@ class NodeSettings:
     lazy_external: bool = False  # FUSE servers run by `csi-oci lazy-server`
     verify_diff_ids: bool = True
     auto_lazy: frozenset[str] = AUTO_LAZY_DEFAULT  # lazy formats `mode: auto` serves lazily
+    policy_config: Path | None = None  # the signature policy (TOML; csi_oci.verify.policy)
 
 
 def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts:
@@ -79,8 +82,16 @@ def build_node_parts(settings: NodeSettings, *, lock: str = "wait") -> NodeParts
         runtime_dir=settings.runtime_dir,
         external=settings.lazy_external,
     )
+    signatures = SignatureCheck(
+        PolicySource(settings.policy_config), store.root / "signatures", registries
+    )
     volumes = VolumeManager(
-        store, puller, publish_wait=settings.publish_wait, lazy=lazy, auto_lazy=settings.auto_lazy
+        store,
+        puller,
+        publish_wait=settings.publish_wait,
+        lazy=lazy,
+        auto_lazy=settings.auto_lazy,
+        signatures=signatures,
     )
     node_credentials = NodeCredentials(list(settings.docker_config) or None)
     parts = NodeParts(store, puller, volumes, node_credentials, registries)

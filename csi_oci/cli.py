@@ -257,6 +257,15 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
             },
         ),
         (
+            ("--policy-config",),
+            {
+                "type": Path,
+                "default": env("CSI_OCI_POLICY_CONFIG", "") or None,
+                "help": "TOML signature policy: which images must be signed, by which keys or "
+                "certificate identities (docs/signing.md); re-read on change",
+            },
+        ),
+        (
             ("--auto-lazy",),
             {
                 "type": _auto_lazy,
@@ -295,6 +304,7 @@ def node_settings(args: argparse.Namespace, publish_wait: float) -> NodeSettings
         max_image_bytes=args.max_image_bytes,
         max_image_entries=args.max_image_entries,
         registry_config=args.registry_config,
+        policy_config=args.policy_config,
         docker_config=tuple(args.docker_config),
         first_byte_timeout=args.first_byte_timeout,
         blob_parallelism=args.blob_parallelism,

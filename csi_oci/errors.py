@@ -63,6 +63,17 @@ class AuthError(CsiOciError):
     reason = "auth_denied"
 
 
+class SignatureDenied(CsiOciError):
+    """The node's signature policy refuses this image (csi_oci.verify).
+
+    The message names the image and digest, the rule, and what was found
+    instead of a trusted signature.
+    """
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "signature_denied"
+
+
 class RegistryError(CsiOciError):
     """The registry answered something we cannot use; usually retryable."""
 

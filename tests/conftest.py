@@ -155,3 +155,18 @@ def make_module_driver(tmp_path_factory) -> Iterator[DriverFactory]:
     factory = DriverFactory(tmp_path_factory.mktemp("drivers"))
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def referrers_registry(tmp_path_factory):
+    """An olareg registry (OCI 1.1 referrers API, in memory, plain HTTP, anonymous);
+    see tests/support/signing.py.  Fails (like the other registries) when the
+    olareg binary is missing: run hack/install-deps."""
+    from tests.support.producers import missing_producers
+    from tests.support.signing import OlaregRegistry
+
+    if missing_producers("olareg"):
+        pytest.fail(f"missing olareg: {INSTALL_HINT}", pytrace=False)
+    reg = OlaregRegistry(tmp_path_factory.mktemp("olareg"))
+    yield reg
+    reg.stop()

@@ -27,6 +27,7 @@ import yaml
 
 from csi_oci.cli import _parser as csi_oci_cli_parser
 from csi_oci.oci.config import parse_config
+from csi_oci.verify.policy import parse_policy
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "deploy" / "helm" / "csi-oci"
@@ -37,6 +38,20 @@ HELM = REPO / ".cache" / "bin" / "helm"
 KUBERNETES_VERSIONS = ["1.25", "1.26", "1.27", "1.28", "1.29", "1.30"]
 
 # Non-default values touching every knob of the chart at once.
+# A public key for the chart's signature policy (its private half was thrown away).
+RELEASE_PUB = """-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEpSHHTFmY/CrhX7/mJkyopl6CqYCD
+TF6zXH6SXRjXWUuyB/T8C8iPBIwU5K0G3gwTjupjbu1ZURrBdeImGxJi5g==
+-----END PUBLIC KEY-----
+"""
+SIGNATURE_POLICY = """[[rule]]
+name = "models"
+match = ["registry.example.com/models"]
+  [[rule.require]]
+  type = "cosign"
+  keys = ["release.pub"]
+"""
+
 CUSTOM_VALUES = {
     "driverName": "models.example.org",
     "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet",
@@ -85,6 +100,7 @@ CUSTOM_VALUES = {
         "certificatesSecret": "registry-certs",
     },
     "nodeDockerConfig": {"hostPath": "/var/snap/microk8s/common/var/lib/kubelet/config.json"},
+    "signatures": {"policy": SIGNATURE_POLICY, "files": {"release.pub": RELEASE_PUB}},
     "node": {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "nodeSelector": {"kubernetes.io/os": "linux", "gpu": "true"},
@@ -540,6 +556,37 @@ def test_generated_registry_config_is_what_the_driver_parses(tmp_path):
     assert endpoints[1].repository_prefix == "example-proxy"
     docker_io = config.endpoints("docker.io", "registry-1.docker.io")
     assert docker_io[0].base_url == "https://distribution-cache.internal"
+
+
+def test_signature_policy_reaches_the_driver_as_it_parses_it(tmp_path):
+    """signatures.policy and .files become one ConfigMap, mounted where
+    --policy-config points, and the driver loads the rule with its key."""
+    docs = render(tmp_path, CUSTOM_VALUES)
+    data = one(docs, "ConfigMap", "csi-oci-signatures")["data"]
+    assert set(data) == {"policy.toml", "release.pub"}
+    pod = _node_pod(docs)
+    driver = container(pod, "csi-oci")
+    assert "--policy-config=/etc/csi-oci/signatures/policy.toml" in driver["args"]
+    assert mounts(driver)["signatures"]["mountPath"] == "/etc/csi-oci/signatures"
+    assert volumes(pod)["signatures"]["configMap"]["name"] == "csi-oci-signatures"
+    # No rollout annotation: the driver re-reads the policy in place.
+    annotations = one(docs, "DaemonSet", "csi-oci-node")["spec"]["template"]["metadata"].get(
+        "annotations", {}
+    )
+    assert not any("signature" in k for k in annotations)
+    mounted = tmp_path / "signatures"
+    mounted.mkdir()
+    for name, content in data.items():
+        (mounted / name).write_text(content)
+    policy = parse_policy(data["policy.toml"], mounted / "policy.toml")
+    (rule,) = policy.rules
+    assert rule.name == "models" and rule.requires[0].keys is not None
+    # Without a policy, nothing is rendered or passed.
+    plain = render(tmp_path, {})
+    assert not [d for d in by_kind(plain, "ConfigMap") if d["metadata"]["name"].endswith("sig")]
+    assert not any(
+        a.startswith("--policy-config") for a in container(_node_pod(plain), "csi-oci")["args"]
+    )
 
 
 # -- the flags in the manifests are flags csi-oci has -------------------------------------

@@ -59,6 +59,7 @@ from csi_oci.oci.manifest import (
     MAX_MANIFEST_BYTES,
     Descriptor,
     detect_media_type,
+    parse_index,
     parse_json,
 )
 from csi_oci.oci.transfer import (
@@ -594,6 +595,49 @@ class RegistryClient:
         )
         resp.close()
 
+    def get_referrers(self, digest: str) -> tuple[list[Descriptor], list[str]] | None:
+        """What each endpoint's OCI 1.1 referrers API lists for `digest`, merged.
+
+        None when no endpoint has the API (404/400/405 everywhere): the caller
+        then reads the fallback tag. The list is not pinned by any digest, so
+        a mirror may drop or add entries; asking every endpoint and merging
+        means a mirror cannot hide a signature the registry has, and whatever
+        an entry points at is fetched by digest and verified before use. The
+        second value names endpoints that failed (for messages).
+        """
+        merged: dict[str, Descriptor] = {}
+        failed: list[str] = []
+        supported = False
+        for conn in self.connections:
+            try:
+                resp = conn.get(
+                    f"/referrers/{digest}",
+                    {"Accept": "application/vnd.oci.image.index.v1+json"},
+                    what=f"referrers of {digest}",
+                )
+            except NotFound:
+                continue
+            except CsiOciError as exc:
+                if "HTTP 400" in str(exc) or "HTTP 405" in str(exc):
+                    continue
+                failed.append(f"{conn.name}: {exc}")
+                continue
+            try:
+                body = read_body(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
+                # Some registries (olareg 0.1) answer "manifests": null for none.
+                entries = [] if _null_manifests(body) else parse_index(body)
+            except (CsiOciError, requests.RequestException) as exc:
+                failed.append(f"{conn.name}: {exc}")
+                continue
+            finally:
+                resp.close()
+            supported = True
+            for entry in entries:
+                merged.setdefault(entry.digest, entry)
+        if not supported and not failed:
+            return None
+        return list(merged.values()), failed
+
     def list_tags(self, limit: int = 100) -> list[str] | None:
         """Up to `limit` tags of the repository, from the registry itself (not mirrors).
 
@@ -764,6 +808,14 @@ class _FallbackParallel:
             self._parallel.close()
         if self._fallback is not None:
             self._fallback.close()
+
+
+def _null_manifests(body: bytes) -> bool:
+    try:
+        doc = parse_json(body, "referrers index")
+    except CsiOciError:
+        return False
+    return isinstance(doc, dict) and doc.get("manifests", []) is None
 
 
 def _host_of(url: str) -> str:

@@ -34,6 +34,8 @@ from csi_oci.pull.puller import Puller
 from csi_oci.pull.resolve import ResolvedImage
 from csi_oci.spec.attributes import Mode, PullPolicy, VolumeSpec
 from csi_oci.storage.store import Store
+from csi_oci.verify.policy import Rule
+from csi_oci.verify.verifier import RuleResult, SignatureCheck, Subject, refuse_lazy
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,10 @@ class VolumeManager:
         publish_wait: float = 90.0,
         lazy: LazyMounts | None = None,
         auto_lazy: frozenset[str] = AUTO_LAZY_DEFAULT,
+        signatures: SignatureCheck | None = None,
     ) -> None:
         self.store = store
+        self.signatures = signatures
         self.auto_lazy = auto_lazy
         self.puller = puller
         self.lazy = lazy
@@ -108,20 +112,62 @@ class VolumeManager:
                     f"state directory {self.store.root} is not writable; check the driver's "
                     "hostPath volume and disk"
                 )
+            rules = (
+                self.signatures.rules_for(spec.reference, spec.signature_rule)
+                if self.signatures is not None
+                else ()
+            )
+            tree_rule = next((r for r in rules if r.needs_tree), None)
             if spec.mode is Mode.LAZY:
-                return self._publish_lazy(volume_id, target, spec, credentials)
+                if tree_rule is not None:
+                    raise refuse_lazy(tree_rule)
+                return self._publish_lazy(volume_id, target, spec, credentials, rules=rules)
             resolved = self.puller.resolve(
                 spec.reference, spec.platform, spec.pull_policy, credentials, spec.include
             )
-            if spec.mode is Mode.AUTO and self._lazy_capable(resolved, spec):
-                return self._publish_lazy(volume_id, target, spec, credentials, resolved)
+            if spec.mode is Mode.AUTO and tree_rule is None and self._lazy_capable(resolved, spec):
+                return self._publish_lazy(
+                    volume_id, target, spec, credentials, resolved, rules=rules
+                )
+            # Rules over manifests first: nothing is pulled for a refused image.
+            signed = self._check_signatures(resolved, rules, credentials)
             budget = self.publish_wait if wait is None else wait
             with self.store.space.pinned(resolved.key):
                 tree = self.puller.ensure(
                     resolved, spec.platform, None if math.isinf(budget) else budget
                 )
+                signed += self._check_signatures(resolved, rules, credentials, tree)
+                self._record_signatures(resolved.key, signed)
                 self.store.touch(resolved.key)
                 return self._mount(volume_id, target, spec, resolved.digest, tree, resolved.key)
+
+    def _check_signatures(
+        self,
+        resolved: ResolvedImage,
+        rules: tuple[Rule, ...],
+        credentials: CredentialLookup | None,
+        tree: Path | None = None,
+    ) -> list[RuleResult]:
+        """The node's signature policy on the digest about to be mounted (csi_oci.verify)."""
+        if not rules or self.signatures is None:
+            return []
+        subject = Subject(resolved.reference, resolved.digest, resolved.index_digest, resolved.key)
+        return self.signatures.check(subject, rules, credentials, client=resolved.client, tree=tree)
+
+    def _record_signatures(self, key: str, results: list[RuleResult]) -> None:
+        entries = [
+            {
+                "rule": r.rule,
+                "kind": s.kind,
+                "signer": s.signer,
+                "digest": s.digest,
+                "source": s.source,
+            }
+            for r in results
+            for s in r.signers
+        ]
+        if entries:
+            self.store.note_signatures(key, entries)
 
     def _lazy_capable(self, resolved: ResolvedImage, spec: VolumeSpec) -> bool:
         """auto picks lazy when every layer is in a format auto serves lazily, and FUSE is here.
@@ -151,6 +197,8 @@ class VolumeManager:
         spec: VolumeSpec,
         credentials: CredentialLookup | None,
         resolved: ResolvedImage | None = None,
+        *,
+        rules: tuple[Rule, ...] = (),
     ) -> VolumeRecord:
         """mode lazy: bind the image's FUSE mount (one server per image) at the target."""
         if self.lazy is None:
@@ -164,6 +212,7 @@ class VolumeManager:
             resolved = self.puller.resolve(
                 spec.reference, spec.platform, policy, credentials, spec.include
             )
+        self._check_signatures(resolved, rules, credentials)
         upstream = (
             credentials(spec.reference.registry, spec.reference.repository) if credentials else None
         )

@@ -39,6 +39,9 @@ class ResolvedImage:
     manifest: ImageManifest | None  # None when served from the local record
     client: RegistryClient | None
     include: tuple[str, ...] = ()
+    # The index the reference resolved through (None: no index, or answered from
+    # the node's records): signatures may name it instead of the manifest.
+    index_digest: str | None = None
 
     @property
     def key(self) -> str:
@@ -161,4 +164,5 @@ class Resolver:
             instruments.count_pull_error(exc)
             raise
         log.info("resolved %s (%s) to %s (top-level %s)", ref, plat, fetched.digest, top.digest)
-        return ResolvedImage(ref, fetched.digest, manifest, client, include)
+        index_digest = top.digest if top.media_type in INDEX_TYPES else None
+        return ResolvedImage(ref, fetched.digest, manifest, client, include, index_digest)

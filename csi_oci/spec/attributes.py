@@ -24,6 +24,9 @@ KEY_SUB_PATH = "subPath"
 KEY_PLATFORM = "platform"
 KEY_INCLUDE = "include"
 KEY_PREFETCH = "prefetch"
+# The name of a rule of the node's signature policy that this volume must pass as
+# well as the rule matching its image (csi_oci.verify.policy): stricter, never looser.
+KEY_SIGNATURE_POLICY = "signaturePolicy"
 KNOWN_KEYS = (
     KEY_IMAGE,
     KEY_PULL_POLICY,
@@ -32,6 +35,7 @@ KNOWN_KEYS = (
     KEY_PLATFORM,
     KEY_INCLUDE,
     KEY_PREFETCH,
+    KEY_SIGNATURE_POLICY,
 )
 PREFETCH_MODES = ("none", "landmark", "all")
 MAX_INCLUDE_PATTERNS = 256
@@ -152,6 +156,7 @@ class VolumeSpec:
     platform: Platform
     include: tuple[str, ...] = ()
     prefetch: str = "all"  # lazy mode: none | landmark | all
+    signature_rule: str = ""  # signaturePolicy: a policy rule named by the volume
 
     def canonical(self) -> dict[str, str]:
         """A plain dict, stable across restarts, recorded with the volume."""
@@ -166,6 +171,8 @@ class VolumeSpec:
             out[KEY_INCLUDE] = ",".join(self.include)
         if self.mode is not Mode.UNPACK and self.prefetch != "all":
             out[KEY_PREFETCH] = self.prefetch  # only when set: old records still match
+        if self.signature_rule:
+            out[KEY_SIGNATURE_POLICY] = self.signature_rule
         return out
 
 
@@ -213,6 +220,9 @@ def parse_volume_attributes(attrs: Mapping[str, str]) -> VolumeSpec:
     prefetch = attrs.get(KEY_PREFETCH, "").strip() or "all"
     if prefetch not in PREFETCH_MODES:
         raise InvalidArgument(f"invalid prefetch {prefetch!r}: want none, landmark or all")
+    signature_rule = attrs.get(KEY_SIGNATURE_POLICY, "").strip()
+    if len(signature_rule) > 128 or any(not c.isprintable() for c in signature_rule):
+        raise InvalidArgument("signaturePolicy: want the name of a rule of the node's policy")
     return VolumeSpec(
         reference=ref,
         pull_policy=policy,
@@ -221,4 +231,5 @@ def parse_volume_attributes(attrs: Mapping[str, str]) -> VolumeSpec:
         platform=plat,
         include=include,
         prefetch=prefetch,
+        signature_rule=signature_rule,
     )

@@ -43,14 +43,25 @@ class ImageRecord:
     key: str = ""
     own_bytes: int = 0  # on disk for this tree alone (shared raw blobs not counted)
     entries: int = 0  # directories, files and links, the root included (0: an older record)
+    # Signature rules this tree was verified under: {rule, kind, signer, digest, source}.
+    signatures: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """The one-line summary users see in the log and in `csi-oci ls`."""
         inc = f" include={','.join(self.include)}" if self.include else ""
         return (
             f"{self.reference} {self.digest} {self.packaging}: {self.files} files, "
-            f"{self.unpacked_bytes} bytes{inc}"
+            f"{self.unpacked_bytes} bytes{inc}{self.signed_by()}"
         )
+
+    def signed_by(self) -> str:
+        """ ", signed (rule models: cosign release.pub)" for `csi-oci ls`, or ""."""
+        if not self.signatures:
+            return ""
+        parts = [
+            f"rule {s.get('rule')}: {s.get('kind')} {s.get('signer')}" for s in self.signatures
+        ]
+        return f", signed ({'; '.join(parts)})"
 
 
 @dataclass(frozen=True)

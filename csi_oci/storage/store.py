@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from csi_oci.errors import CsiOciError, FailedPrecondition
@@ -140,6 +140,21 @@ class Store:
         except TypeError:
             log.warning("ignoring unreadable image record %s", key)
             return None
+
+    def note_signatures(self, key: str, entries: list[dict[str, str]]) -> None:
+        """Add verified signatures to a tree's image.json (one entry per rule and signer)."""
+        record = self.image(key)
+        if record is None:
+            return
+        merged = [s for s in record.signatures if s.get("rule") not in {e["rule"] for e in entries}]
+        merged += entries
+        if merged == record.signatures:
+            return
+        write_json_atomic(
+            self.image_dir(key) / "image.json",
+            asdict(replace(record, signatures=merged)),
+            durable=False,
+        )
 
     def new_staging(self) -> Path:
         self.ensure_layout()

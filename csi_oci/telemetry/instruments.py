@@ -133,3 +133,22 @@ def count_pull_error(exc: BaseException) -> None:
 def count_eviction(kind: str, nbytes: int) -> None:
     EVICTIONS.labels(kind).inc()
     EVICTED_BYTES.inc(max(0, nbytes))
+
+
+SIGNATURE_CHECKS = Counter(
+    "csi_oci_signature_checks",
+    "Signature policy checks at publish, by rule and outcome: verified (checked now), "
+    "cached (an earlier verification of the same digest under the same rule), denied "
+    "(publish refused), warned (a warn-mode rule failed; published anyway)",
+    ["rule", "outcome"],
+    registry=REGISTRY,
+)
+
+
+SIGNATURE_CHECK_DURATION = Histogram(
+    "csi_oci_signature_check_duration_seconds",
+    "Time a publish spent on the signature policy (finding and verifying signatures, or "
+    "the cached result)",
+    buckets=(0.001, 0.005, 0.02, 0.05, 0.2, 0.5, 1, 5, 30),
+    registry=REGISTRY,
+)

@@ -42,6 +42,9 @@ options of csi-oci): logging, state, registries, credentials, budgets.
 {{- if .Values.nodeDockerConfig.hostPath }}
 - --docker-config=/etc/csi-oci/docker/config.json
 {{- end }}
+{{- if .Values.signatures.policy }}
+- --policy-config=/etc/csi-oci/signatures/policy.toml
+{{- end }}
 {{- with .Values.cache.maxBytes }}
 - --cache-max-bytes={{ . }}
 {{- end }}
@@ -77,6 +80,11 @@ options of csi-oci): logging, state, registries, credentials, budgets.
   mountPath: /etc/csi-oci/certs
   readOnly: true
 {{- end }}
+{{- if .Values.signatures.policy }}
+- name: signatures
+  mountPath: /etc/csi-oci/signatures
+  readOnly: true
+{{- end }}
 {{- if .Values.nodeDockerConfig.hostPath }}
 - name: node-docker-config
   mountPath: /etc/csi-oci/docker/config.json
@@ -94,6 +102,11 @@ options of csi-oci): logging, state, registries, credentials, budgets.
 - name: registry-certs
   secret:
     secretName: {{ .Values.registries.certificatesSecret }}
+{{- end }}
+{{- if .Values.signatures.policy }}
+- name: signatures
+  configMap:
+    name: csi-oci-signatures
 {{- end }}
 {{- if .Values.nodeDockerConfig.hostPath }}
 - name: node-docker-config
