@@ -157,3 +157,23 @@ def test_loader_bench_smoke_run_measures_every_lazy_format(tmp_path):
         assert run["lazy"]["payload_fetched_ratio"] == 1.0, run  # no piece fetched twice
     assert set(report["first_byte"]) == set(formats)
     assert "| zstd:chunked/containers | safetensors |" in out.with_suffix(".md").read_text()
+
+
+def test_signing_bench_smoke_run_times_every_signature_kind(tmp_path):
+    """bench.signing end to end, once each: fresh and cached checks, the peers'
+    own verify, warm publishes with and without a policy, model-signing."""
+    out = tmp_path / "signing.json"
+    cmd = [sys.executable, "-m", "bench.signing", "--reps", "2", "--model-mib", "16"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kinds = {"cosign-key", "cosign-certificate", "cosign-bundle", "notation-jws", "notation-cose"}
+    assert set(report["cases"]) == kinds
+    for row in report["cases"].values():
+        assert row["fresh"]["median_ms"] > 0 and row["cached_in_memory"]["median_ms"] >= 0
+    assert report["cases"]["cosign-key"]["peer"]["tool"] == "cosign 2.5.3"
+    assert set(report["publish"]) == {"with_policy", "without_policy"}
+    assert report["model_signing"]["csi-oci"]["median_ms"] > 0

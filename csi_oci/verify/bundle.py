@@ -39,6 +39,7 @@ from csi_oci.verify.trust import (
     RANK_OTHER_DIGEST,
     RANK_UNTRUSTED,
     CertificateIdentity,
+    CertTrust,
     SignatureRejected,
     Verified,
     checked_key,
@@ -254,30 +255,47 @@ def verify_image_bundle(
     return Verified("cosign", identity.short(), digest, source)
 
 
+class _RulePolicy:
+    """sigstore-python's VerificationPolicy, answered with the rule's identity patterns.
+
+    sigstore-python's own policies (Identity, AnyOf) compare exact strings;
+    a rule's identities are regular expressions, so the check is ours and
+    the mismatch is remembered to be reported with its rank.
+    """
+
+    def __init__(self, certs: CertTrust) -> None:
+        self.certs = certs
+        self.found: CertificateIdentity | None = None
+
+    def verify(self, cert: x509.Certificate) -> None:
+        from sigstore.errors import VerificationError as SigstoreError
+
+        self.found = CertificateIdentity.of(cert)
+        if not any(i.matches(self.found) for i in self.certs.identities):
+            raise SigstoreError("identity mismatch")
+
+
 def _verify_with_trusted_root(parsed: Bundle, requirement: Requirement) -> CertificateIdentity:
     """sigstore-python against the rule's trusted root: chain to its Fulcio CA at the
     logged time, SCT, tlog inclusion proof and SET, and the signature. Offline."""
-    from sigstore.errors import VerificationError as SigstoreError
+    from sigstore.errors import Error as SigstoreError
     from sigstore.models import Bundle as SigstoreBundle
     from sigstore.models import TrustedRoot
     from sigstore.verify import Verifier
-    from sigstore.verify.policy import UnsafeNoOp
 
-    assert requirement.certs is not None
+    assert requirement.certs is not None and requirement.trusted_root is not None
     try:
-        assert requirement.trusted_root is not None
         root = TrustedRoot.from_file(str(requirement.trusted_root))
         verifier = Verifier(trusted_root=root)
         sig_bundle = SigstoreBundle.from_json(json.dumps(parsed.raw))
-    except Exception as exc:  # sigstore raises many types for bad input
+    except Exception as exc:  # sigstore-python raises many types for bad input
         raise SignatureRejected(
-            f"Sigstore bundle or trusted root unusable: {exc}", RANK_MALFORMED
+            f"Sigstore bundle or trusted root unusable: {_one_line(exc)}", RANK_MALFORMED
         ) from None
+    policy = _RulePolicy(requirement.certs)
     try:
-        # Identity is checked below with the rule's patterns; the policy object
-        # sigstore-python takes matches exact strings only.
         if parsed.envelope is not None:
-            verifier.verify_dsse(sig_bundle, UnsafeNoOp())
+            verifier.verify_dsse(sig_bundle, policy)
         else:
             assert parsed.message_digest is not None
             from sigstore.hashes import Hashed
@@ -286,19 +304,24 @@ def _verify_with_trusted_root(parsed: Bundle, requirement: Requirement) -> Certi
             verifier.verify_artifact(
                 Hashed(algorithm=HashAlgorithm.SHA2_256, digest=parsed.message_digest),
                 sig_bundle,
-                UnsafeNoOp(),
+                policy,
             )
     except SigstoreError as exc:
+        if policy.found is not None and str(exc) == "identity mismatch":
+            raise SignatureRejected(
+                f"certificate identity {policy.found.describe()}, wanted "
+                f"{requirement.certs.describe_identities()}",
+                RANK_IDENTITY,
+            ) from None
         raise SignatureRejected(
             f"Sigstore bundle does not verify against trusted root "
-            f"{requirement.trusted_root}: {exc}",
+            f"{requirement.trusted_root.name}: {_one_line(exc)}",
             RANK_BAD_SIGNATURE,
         ) from None
-    found = CertificateIdentity.of(parsed.certificates[0])
-    if not any(i.matches(found) for i in requirement.certs.identities):
-        raise SignatureRejected(
-            f"certificate identity {found.describe()}, wanted "
-            f"{requirement.certs.describe_identities()}",
-            RANK_IDENTITY,
-        )
-    return found
+    assert policy.found is not None
+    return policy.found
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -130,8 +130,11 @@ def wait_policy_mounted(policy: SignaturePolicy, timeout: float = 180) -> None:
         "annotate", "pod", "-n", "csi-oci", node_pod()["metadata"]["name"], "--overwrite",
         f"e2e.csi-oci/policy-nudge={os.getpid()}",
     )  # fmt: skip
-    wait_until("signature policy in the node plugin's ConfigMap volume",
-               lambda: mounted_policy() == policy.policy, timeout)  # fmt: skip
+    wait_until(
+        "signature policy in the node plugin's ConfigMap volume",
+        lambda: mounted_policy() == policy.policy,
+        timeout,
+    )
 
 
 def _render_chart(hosts: list[str], workdir: Path, signatures: SignaturePolicy) -> str:

@@ -21,11 +21,12 @@ import requests
 
 from tests.support.images import File, Image, Layer, push_image
 from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
-from tests.support.producers import modctl_push
+from tests.support.producers import Pushed, modctl_push
 from tests.support.registry import TEST_PASSWORD, TEST_USER, Registry
+from tests.support.signing import cosign_sign_key
 
 from . import kube
-from .conftest import wait_driver_ready
+from .conftest import SignaturePolicy, wait_driver_ready, wait_policy_mounted
 from .forward import Forwarder
 from .kube import NS, apply, delete, exec_pod, inline, reader_pod, sha256_tree, wait_running
 
@@ -577,3 +578,57 @@ def test_daemonset_upgrade_while_pods_read(
         back = [f"{name}={old_image}" for name in ("csi-oci", "lazy-server") if name in containers]
         kube.kubectl("set", "image", "-n", "csi-oci", "daemonset/csi-oci-node", *back)
         wait_driver_ready()
+
+
+def test_signed_model_runs_unsigned_stays_pending_until_signed(
+    registry: Registry, anon: Forwarder, signature_policy: SignaturePolicy, tmp_path: Path
+) -> None:
+    """Signatures at mount, configured as a user does (chart values signatures.policy
+    and signatures.files, conftest): the rule covers <anon>/signed/ only.  A model
+    signed by the trusted key runs; an unsigned one stays Pending with a FailedMount
+    event naming the rule and the digest, and nothing of it is pulled; signed later,
+    kubelet's next mount retry publishes it."""
+    policy = signature_policy
+    wait_policy_mounted(policy)
+    signed_files = model_files("signed", big=2**20)
+    later_files = model_files("signed-later", big=2**20)
+    signed_digest = push_model(registry, "signed/model:v1", signed_files, tmp_path)
+    later_digest = push_model(registry, "signed/later:v1", later_files, tmp_path)
+    # cosign signs through the registry's own address: only the digest binds.
+    cosign_sign_key(
+        registry, Pushed(f"{registry.host}/signed/model:v1", signed_digest), tmp_path, policy.key
+    )
+    later = ref(anon, "signed/later:v1")
+    assert later.startswith(policy.prefix + "/")
+    apply(
+        reader_pod("signed", inline({"image": ref(anon, "signed/model:v1")})),
+        reader_pod("unsigned", inline({"image": later})),
+    )
+    wait_running("signed")
+    assert sha256_tree("signed", "/models") == {n: _sha(d) for n, d in signed_files.items()}
+
+    def refused() -> str | None:
+        # (events outlive pods: an earlier run's "unsigned" pod named another digest)
+        for message in kube.event_messages("unsigned"):
+            if message.startswith("FailedMount:") and later_digest in message:
+                return message
+        return None
+
+    message = kube.wait_until("FailedMount event naming the signature rule", refused, 120)
+    assert "rpc error: code = PermissionDenied desc = " in message, message
+    assert (
+        f"image {later} ({later_digest}) refused by signature rule '{policy.rule}': "
+        "no cosign signature found"
+    ) in message, message
+    assert "wanted a cosign signature by key e2e-release.pub" in message, message
+    assert kube.pod_phase("unsigned") == "Pending"
+    # Refused before the pull: the node store has no tree of it.
+    assert not (STORE / later_digest.removeprefix("sha256:")).exists()
+    # Signed now: kubelet retries the mount (backoff from 0.5 s, doubling) and it runs.
+    signed_at = time.monotonic()
+    cosign_sign_key(
+        registry, Pushed(f"{registry.host}/signed/later:v1", later_digest), tmp_path, policy.key
+    )
+    wait_running("unsigned", timeout=240)
+    print(f"unsigned pod running {time.monotonic() - signed_at:.1f} s after signing")
+    assert sha256_tree("unsigned", "/models") == {n: _sha(d) for n, d in later_files.items()}
