@@ -60,9 +60,18 @@ def test_defaults():
         "subPath": "",
         "platform": str(node_platform()),
     }
-    # include appears only when set (prefetch only in lazy mode), so records
-    # from before they existed still match
-    assert set(s.canonical()) == set(KNOWN_KEYS) - {"include", "prefetch"}
+    # include and signaturePolicy appear only when set (prefetch only in lazy
+    # mode), so records from before they existed still match
+    assert set(s.canonical()) == set(KNOWN_KEYS) - {"include", "prefetch", "signaturePolicy"}
+
+
+def test_signature_policy_names_a_rule_and_is_recorded():
+    s = spec(image="ghcr.io/org/model:v1", signaturePolicy=" strict ")
+    assert s.signature_rule == "strict"
+    assert s.canonical()["signaturePolicy"] == "strict"
+    for bad in ("x" * 129, "a\nb", "tab\there"):
+        with pytest.raises(InvalidArgument, match="signaturePolicy"):
+            spec(image="ghcr.io/org/model:v1", signaturePolicy=bad)
 
 
 def test_node_platform_is_linux_in_oci_spelling():

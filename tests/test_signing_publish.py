@@ -522,3 +522,59 @@ def test_notary_project_signatures_jws_and_cose(
     d2 = make_driver("--policy-config", str(write_policy(tmp_path / "w.toml", wrong)))
     message = denied(lambda: d2.publish(target(tmp_path), {"image": images[0].reference}))
     assert "certificate identity subject CN=release,O=csi-oci tests" in message
+
+
+def test_model_signing_with_include_checks_the_files_published(
+    referrers_registry, make_driver, tmp_path
+):
+    """A partial pull (include) is checked file by file: what it publishes must be
+    signed and unchanged; what it leaves out is not missing."""
+    reg = referrers_registry
+    key = S.generate_key_pair("ecdsa-p256", tmp_path / "keys", "model-key")
+    files = {"config.json": b'{"a": 1}', "weights/a.bin": b"A" * 5000, "weights/b.bin": b"B"}
+    model = write_model(tmp_path / "model", files)
+    S.model_sign(model, tmp_path, key=key)
+    (model / "weights/b.bin").write_bytes(b"swapped")  # shipped with the old model.sig
+    pushed = S.push_model_with_signature(reg, f"oms/partial{next(_counter)}:v1", tmp_path, model)
+    policy = model_rule("oms", "*", key.public_path)
+    d = make_driver("--policy-config", str(write_policy(tmp_path / "p.toml", policy)))
+    t = target(tmp_path)
+    d.publish(t, {"image": pushed.reference, "include": "config.json,weights/a.bin"})
+    assert sorted(str(p.relative_to(t)) for p in t.rglob("*") if p.is_file()) == [
+        "config.json",
+        "weights/a.bin",
+    ]
+    message = denied(
+        lambda: d.publish(target(tmp_path), {"image": pushed.reference, "include": "weights/*"})
+    )
+    assert "'weights/b.bin' has different content than when signed" in message
+
+
+def test_unreadable_signatures_are_retryable_not_a_verdict(make_driver, keys, work, tmp_path):
+    """The image is on the node, its signature cannot be read (registry gone):
+    UNAVAILABLE, which kubelet retries, and nothing is published; a warn rule
+    publishes."""
+    reg = S.OlaregRegistry(tmp_path / "gone")
+    try:
+        image = fresh_image(reg)
+        S.cosign_sign_key(reg, image, work, keys["ecdsa-p256"])
+        d0 = make_driver()
+        d0.publish(target(tmp_path), {"image": image.reference, "pullPolicy": "IfNotPresent"})
+        d0.stop()
+    finally:
+        reg.stop()
+    pub = keys["ecdsa-p256"].public_path
+    d = make_driver(
+        "--policy-config", str(write_policy(tmp_path / "p.toml", key_rule("m", "*", pub))),
+        state_dir=d0.state_dir, config="max_attempts = 1\n",
+    )  # fmt: skip
+    with pytest.raises(grpc.RpcError) as err:
+        d.publish(target(tmp_path), {"image": image.reference, "pullPolicy": "IfNotPresent"})
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "signatures for signature rule 'm' could not all be read" in err.value.details()
+    d.stop()
+    warn = write_policy(tmp_path / "w.toml", key_rule("m", "*", pub, mode="warn"))
+    d2 = make_driver(
+        "--policy-config", str(warn), state_dir=d0.state_dir, config="max_attempts = 1\n"
+    )
+    d2.publish(target(tmp_path), {"image": image.reference, "pullPolicy": "IfNotPresent"})

@@ -151,7 +151,13 @@ class VolumeManager:
         """The node's signature policy on the digest about to be mounted (csi_oci.verify)."""
         if not rules or self.signatures is None:
             return []
-        subject = Subject(resolved.reference, resolved.digest, resolved.index_digest, resolved.key)
+        subject = Subject(
+            resolved.reference,
+            resolved.digest,
+            resolved.index_digest,
+            resolved.key,
+            partial=bool(resolved.include),
+        )
         return self.signatures.check(subject, rules, credentials, client=resolved.client, tree=tree)
 
     def _record_signatures(self, key: str, results: list[RuleResult]) -> None:

@@ -55,6 +55,7 @@ from csi_oci.verify.trust import (
     SignatureRejected,
     Verified,
     checked_key,
+    load_der_certificate,
     signature_verifies,
 )
 
@@ -207,9 +208,9 @@ def _chain(material: dict[str, Any]) -> tuple[x509.Certificate, ...]:
     for entry in entries:
         der = _b64(_table(entry, "a certificate").get("rawBytes"), "a certificate")
         try:
-            chain.append(x509.load_der_x509_certificate(der))
+            chain.append(load_der_certificate(der, "a certificate"))
         except ValueError as exc:
-            raise _malformed(f"a certificate is not DER X.509 ({str(exc)[:80]})") from None
+            raise _malformed(str(exc)) from None
     return tuple(chain)
 
 
@@ -310,9 +311,15 @@ def _relative(name: object, what: str) -> str:
     """A canonical relative POSIX path that stays in the tree."""
     if not isinstance(name, str) or not name:
         raise _malformed(f"{what} is not a path")
+    try:
+        # A file name that is not UTF-8 is listed surrogate-escaped; any other
+        # lone surrogate (JSON's \ud800) names no file.
+        encoded = name.encode(errors="surrogateescape")
+    except UnicodeEncodeError:
+        raise _malformed(f"{what} {_show(name)} is not a file name") from None
     parts = name.split("/")
     if (
-        len(name.encode(errors="surrogateescape")) > MAX_NAME_BYTES
+        len(encoded) > MAX_NAME_BYTES
         or "\x00" in name
         or any(p in ("", ".", "..") for p in parts)
         or any(len(p.encode(errors="surrogateescape")) > MAX_COMPONENT_BYTES for p in parts)
@@ -588,8 +595,15 @@ def hash_tree(tree: Path, serialization: Serialization, ignore: Iterable[str]) -
     return found
 
 
-def check_tree(tree: Path, statement: Statement, signature_name: str) -> None:
-    """SignatureRejected naming the first file that is added, missing or changed."""
+def check_tree(
+    tree: Path, statement: Statement, signature_name: str, *, partial: bool = False
+) -> None:
+    """SignatureRejected naming the first file that is added, missing or changed.
+
+    `partial`: the tree is a partial pull (the volume's `include`): signed
+    files it left out are not missing, but every file it has must be signed
+    and unchanged.
+    """
     serialization = statement.serialization
     ignore = list(serialization.ignore_paths)
     signed_paths = {_path_of(k, serialization.method) for k in statement.resources}
@@ -605,15 +619,18 @@ def check_tree(tree: Path, statement: Statement, signature_name: str) -> None:
         if not _ignored(name, ignored)
     }
     method = serialization.method
-    problem = _first_difference(_expected_keys(files, serialization), statement.resources, method)
+    resources = statement.resources
+    if partial:
+        resources = {k: v for k, v in resources.items() if _path_of(k, method) in files}
+    problem = _first_difference(_expected_keys(files, serialization), resources, method)
     if problem:
         raise _differs(problem)
     found = hash_tree(tree, serialization, ignore)
-    problem = _first_difference(found, statement.resources, method)
+    problem = _first_difference(found, resources, method)
     if problem:
         raise _differs(problem)
-    for key in sorted(statement.resources):
-        if found[key] != statement.resources[key]:
+    for key in sorted(resources):
+        if found[key] != resources[key]:
             raise _differs(f"{_show(_path_of(key, method))} has different content than when signed")
 
 
@@ -627,6 +644,7 @@ def verify_model_tree(
     *,
     source: str,
     signature_name: str = SIGNATURE_NAME,
+    partial: bool = False,
 ) -> Verified:
     """Whether `bundle` (a model-signing `model.sig`) is signed by what
     `requirement` trusts and names exactly the files of `tree`.
@@ -639,7 +657,7 @@ def verify_model_tree(
     envelope = parse_bundle(bundle)
     signer = authenticate(envelope, requirement)
     statement = parse_statement(envelope.payload)
-    check_tree(tree, statement, signature_name)
+    check_tree(tree, statement, signature_name, partial=partial)
     return Verified(
         kind=KIND,
         signer=signer,

@@ -21,12 +21,13 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from csi_oci.errors import CsiOciError, FailedPrecondition, SignatureDenied
+from csi_oci.errors import CsiOciError, FailedPrecondition, RegistryError, SignatureDenied
 from csi_oci.oci.config import ConfigSource
-from csi_oci.oci.manifest import INDEX_TYPES, parse_index
+from csi_oci.oci.manifest import INDEX_TYPES, parse_index, parse_manifest
+from csi_oci.oci.packaging import MODELPACK_FILEPATH, TITLE
 from csi_oci.oci.registry import CredentialLookup, RegistryClient
 from csi_oci.spec.reference import Reference
 from csi_oci.storage.atomic import read_json, write_json_atomic
@@ -56,6 +57,7 @@ class Subject:
     digest: str  # the platform manifest
     index_digest: str | None  # the index the reference went through, when known
     key: str  # the tree's store key (digest + include set)
+    partial: bool = False  # a partial pull (include): model signing checks what is there
 
 
 @dataclass(frozen=True)
@@ -184,12 +186,13 @@ class SignatureCheck:
             return RuleResult(rule.name, "cached", cached)
         try:
             signers = tuple(session.meet(req, rule, tree) for req in rule.requires)
-        except SignatureDenied as exc:
+        except (SignatureDenied, RegistryError) as exc:
             if rule.mode is Enforcement.WARN:
                 log.warning("signature rule %s (warn mode) not met; publishing: %s", rule.name, exc)
                 instruments.SIGNATURE_CHECKS.labels(rule.name, "warned").inc()
                 return RuleResult(rule.name, "warned", (), str(exc))
-            instruments.SIGNATURE_CHECKS.labels(rule.name, "denied").inc()
+            outcome = "denied" if isinstance(exc, SignatureDenied) else "unavailable"
+            instruments.SIGNATURE_CHECKS.labels(rule.name, outcome).inc()
             raise
         self.results.put(cache_key, rule, signers)
         instruments.SIGNATURE_CHECKS.labels(rule.name, "verified").inc()
@@ -248,7 +251,7 @@ class _Session:
         if top.media_type in INDEX_TYPES and any(
             d.digest == self.subject.digest for d in parse_index(top.data)
         ):
-            self.subject = Subject(ref, self.subject.digest, top.digest, self.subject.key)
+            self.subject = replace(self.subject, index_digest=top.digest)
             return top.digest
         return None
 
@@ -267,6 +270,28 @@ class _Session:
             self._found[digest] = SignatureFinder(self.client).find(digest)
         return self._found[digest]
 
+    def shipped_model_signature(self, tree: Path) -> bytes | None:
+        """The artifact's own model.sig: in the tree, or, when a partial pull
+        (include) left it out, its raw layer fetched by digest."""
+        shipped = tree / MODEL_SIGNATURE_FILE
+        if shipped.is_file() and not shipped.is_symlink():
+            return _read_bounded(shipped)
+        if not self.subject.partial:
+            return None
+        try:
+            fetched = self.client.get_manifest(self.subject.digest)
+            manifest = parse_manifest(fetched.data, fetched.media_type)
+        except CsiOciError as exc:
+            log.info("could not read %s for its model.sig: %s", self.subject.digest, exc)
+            return None
+        for layer in manifest.layers:
+            names = {layer.annotations.get(k) for k in (TITLE, *MODELPACK_FILEPATH)}
+            if MODEL_SIGNATURE_FILE in names:
+                return self.client.get_blob_bytes(
+                    layer, f"{MODEL_SIGNATURE_FILE} {layer.digest}", bundle.MAX_BUNDLE_BYTES
+                )
+        return None
+
     def meet(self, req: Requirement, rule: Rule, tree: Path | None) -> Verified:
         """A signature meeting `req`, or SignatureDenied saying what was found instead."""
         subjects = self.subjects(rule)
@@ -275,13 +300,16 @@ class _Session:
         errors: list[str] = []
         if req.kind is Kind.MODEL_SIGNING:
             assert tree is not None
-            shipped = tree / MODEL_SIGNATURE_FILE
             looked.append(f"{MODEL_SIGNATURE_FILE} in the artifact")
-            if shipped.is_file() and not shipped.is_symlink():
-                data = _read_bounded(shipped)
+            data = self.shipped_model_signature(tree)
+            if data is not None:
                 try:
                     return models.verify_model_tree(
-                        tree, data, req, source=f"{MODEL_SIGNATURE_FILE} in the artifact"
+                        tree,
+                        data,
+                        req,
+                        source=f"{MODEL_SIGNATURE_FILE} in the artifact",
+                        partial=self.subject.partial,
                     )
                 except SignatureRejected as exc:
                     rejections.append(exc)
@@ -291,12 +319,21 @@ class _Session:
             errors += found.errors
             for candidate in found.candidates:
                 try:
-                    verified = _try(candidate, req, subjects, tree)
+                    verified = _try(candidate, req, subjects, tree, self.subject.partial)
                 except SignatureRejected as exc:
                     rejections.append(exc)
                     continue
                 if verified is not None:
                     return verified
+        if errors and not rejections:
+            # Nothing was refused, but not everything could be read: say so as
+            # retryable (kubelet retries), not as "unsigned".
+            subject = self.subject
+            raise RegistryError(
+                f"image {subject.reference} ({subject.digest}): the signatures for signature "
+                f"rule {rule.name!r} could not all be read ({'; '.join(errors[:2])}); "
+                "retrying"
+            )
         raise SignatureDenied(self._denial(rule, req, rejections, looked, errors))
 
     def _denial(
@@ -332,7 +369,11 @@ def _read_bounded(path: Path) -> bytes:
 
 
 def _try(
-    candidate: Candidate, req: Requirement, subjects: Mapping[str, str], tree: Path | None
+    candidate: Candidate,
+    req: Requirement,
+    subjects: Mapping[str, str],
+    tree: Path | None,
+    partial: bool,
 ) -> Verified | None:
     """`candidate` checked against `req`; None if it is not the kind `req` wants."""
     if req.kind is Kind.COSIGN:
@@ -356,7 +397,9 @@ def _try(
             source=candidate.source,
         )
     if candidate.kind == "bundle" and tree is not None and bundle.is_model_signing(candidate.data):
-        return models.verify_model_tree(tree, candidate.data, req, source=candidate.source)
+        return models.verify_model_tree(
+            tree, candidate.data, req, source=candidate.source, partial=partial
+        )
     return None
 
 
