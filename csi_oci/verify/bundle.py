@@ -43,6 +43,7 @@ from csi_oci.verify.trust import (
     SignatureRejected,
     Verified,
     checked_key,
+    load_der_certificate,
     signature_verifies,
 )
 
@@ -88,6 +89,15 @@ def _b64(value: object, where: str) -> bytes:
             raise SignatureRejected(f"bundle {where} is not base64", RANK_MALFORMED) from None
 
 
+def _utf8(text: str) -> bool:
+    """Whether `text` is UTF-8 (JSON's \\ud800 escapes give lone surrogates, which are not)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _obj(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SignatureRejected(f"bundle {where} is not an object", RANK_MALFORMED)
@@ -120,9 +130,9 @@ def parse_bundle(data: bytes) -> Bundle:
         raw_certs = [_obj(c, "certificate").get("rawBytes") for c in chain]
     for i, raw in enumerate(raw_certs):
         try:
-            certs.append(x509.load_der_x509_certificate(_b64(raw, f"certificate {i}")))
-        except ValueError:
-            raise SignatureRejected(f"bundle certificate {i} is not DER", RANK_MALFORMED) from None
+            certs.append(load_der_certificate(_b64(raw, f"certificate {i}"), f"certificate {i}"))
+        except ValueError as exc:
+            raise SignatureRejected(f"bundle {exc}", RANK_MALFORMED) from None
     envelope = None
     message_digest = message_signature = None
     if "dsseEnvelope" in doc:
@@ -131,7 +141,7 @@ def parse_bundle(data: bytes) -> Bundle:
         if not isinstance(sigs, list) or not sigs or len(sigs) > 8:
             raise SignatureRejected("bundle DSSE envelope has no signatures", RANK_MALFORMED)
         payload_type = env.get("payloadType")
-        if not isinstance(payload_type, str):
+        if not isinstance(payload_type, str) or not _utf8(payload_type):
             raise SignatureRejected("bundle DSSE envelope has no payloadType", RANK_MALFORMED)
         envelope = Envelope(
             payload_type,

@@ -117,16 +117,42 @@ def checked_key(key: object, where: str) -> PublicKey:
 
 
 def load_certificates(pem: bytes, where: str) -> list[x509.Certificate]:
-    """Certificates of a PEM bundle, bounded in size and count."""
+    """Certificates of a PEM bundle, bounded in size and count, every field decoded."""
     if len(pem) > MAX_PEM_BYTES:
         raise ValueError(f"{where}: certificate bundle of {len(pem)} bytes is too large")
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise ValueError(f"{where}: not PEM certificates ({exc})") from None
     if len(certs) > MAX_CERTS:
         raise ValueError(f"{where}: {len(certs)} certificates; at most {MAX_CERTS}")
-    return certs
+    return [decoded(cert, where) for cert in certs]
+
+
+def load_der_certificate(der: bytes, where: str) -> x509.Certificate:
+    """One DER certificate, every field decoded; ValueError if it does not parse."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion) as exc:
+        raise ValueError(f"{where}: not a DER certificate ({str(exc)[:80]})") from None
+    return decoded(cert, where)
+
+
+def decoded(cert: x509.Certificate, where: str) -> x509.Certificate:
+    """`cert`, once every field the checks read has decoded. cryptography decodes
+    names, extensions and keys lazily, so a hostile field would otherwise raise
+    from deep inside the chain or identity checks, and not only ValueError
+    (DuplicateExtension, UnsupportedAlgorithm, ...: found by fuzzing, see
+    csi_oci.verify.notation._certificate), hence the broad except: ValueError."""
+    try:
+        _ = (cert.version, cert.subject, cert.issuer, cert.extensions, cert.not_valid_after_utc)
+        _ = (cert.not_valid_before_utc, cert.subject.rfc4514_string())
+        cert.public_key()
+    except Exception as exc:
+        raise ValueError(
+            f"{where}: malformed certificate ({type(exc).__name__}: {str(exc)[:80]})"
+        ) from None
+    return cert
 
 
 def _hashes_for(key: PublicKey) -> tuple[hashes.HashAlgorithm, ...]:
