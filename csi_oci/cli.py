@@ -99,6 +99,25 @@ def _parser() -> argparse.ArgumentParser:
         help="who runs the FUSE servers of lazy volumes: this process (inline) or a "
         "`csi-oci lazy-server` in its own container (external, as the DaemonSet does)",
     )
+    s.add_argument(
+        "--prewarm",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("CSI_OCI_PREWARM", "false").lower() in ("1", "true"),
+        help="watch ImageCache objects (oci.csi.dev/v1alpha1): the node pulls and pins the "
+        "ones selecting it and reports their status; the controller counts ready nodes "
+        "(docs/prewarm.md; needs the chart's RBAC)",
+    )
+    s.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="the driver's namespace: where an ImageCache's pullSecrets are read "
+        "(default $POD_NAMESPACE)",
+    )
+    s.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig for the Kubernetes API (default: the pod's service account)",
+    )
     add(
         "lazy-server",
         help="run the FUSE servers of lazy volumes (the DaemonSet's lazy-server container): "
@@ -419,6 +438,9 @@ def _run(args: argparse.Namespace) -> int:
                 node_settings(args, args.publish_wait),
                 metrics_address=args.metrics_address,
                 metrics_image_labels=args.metrics_image_labels,
+                prewarm=args.prewarm,
+                namespace=args.namespace,
+                kubeconfig=args.kubeconfig,
             )
         )
     parts = build_node_parts(
@@ -444,9 +466,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "ls":
         refcounts = parts.volumes.records.refcounts()
+        pinned_by: dict[str, list[str]] = {}
+        for owner, keys in parts.store.space.held.owned().items():
+            for key in keys:
+                pinned_by.setdefault(key, []).append(owner)
         for rec in parts.store.list_images():
-            used = refcounts.get(rec.key or rec.digest, 0)
-            print(f"{rec.summary()}, {used} volume{'s' if used != 1 else ''}")
+            key = rec.key or rec.digest
+            used = refcounts.get(key, 0)
+            pins = f", pinned by {', '.join(sorted(pinned_by[key]))}" if key in pinned_by else ""
+            print(f"{rec.summary()}, {used} volume{'s' if used != 1 else ''}{pins}")
         return 0
     if args.command == "mount":
         spec = parse_volume_attributes(_attrs(args))

@@ -37,6 +37,7 @@ SET_VALUES = ["namespace.create=true"]
 OUTPUT_NAMES = {
     "namespace.yaml": "00-namespace.yaml",
     "csidriver.yaml": "10-csidriver.yaml",
+    "imagecache-crd.yaml": "12-imagecache-crd.yaml",
     "registries.yaml": "15-registries.yaml",
     "node.yaml": "20-node.yaml",
     "controller.yaml": "30-controller.yaml",

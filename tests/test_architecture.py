@@ -5,7 +5,7 @@ TYPE_CHECKING) is an edge. No module may reach itself again (a cycle), and a
 package may import only from the packages below it:
 
     errors, faults < spec < telemetry < stream < unpack < oci < storage
-        < pull < verify < lazy < publish < app < csi < cli
+        < pull < verify < lazy < publish < prewarm < app < csi < cli
 
 telemetry sits low so that everything may count into it; it reads the store
 and the volume records through Protocols. A lazy FUSE server process must not
@@ -32,6 +32,7 @@ LAYERS = [
     {"verify"},
     {"lazy"},
     {"publish"},
+    {"prewarm"},
     {"app"},
     {"csi"},
     {"cli"},

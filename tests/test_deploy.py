@@ -8,19 +8,25 @@ Beyond the schemas, the tests pin what the schemas cannot know: the CSIDriver
 settings, privileges and mount propagation of the node plugin, that every
 kubelet path follows `kubeletDir`, sidecar major versions, the least RBAC,
 that the flags in the manifests are ones the csi-oci CLI accepts, and that
-the generated registries.toml is one the driver parses.
+the generated registries.toml is one the driver parses. Custom resources of
+the chart's own CRDs (ImageCache) are validated against the CRD's schema as
+rendered from the chart, with jsonschema (a dependency of kubernetes-validate).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import datetime
+import functools
 import io
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -36,6 +42,10 @@ EXAMPLES = REPO / "deploy" / "examples"
 HELM = REPO / ".cache" / "bin" / "helm"
 
 KUBERNETES_VERSIONS = ["1.25", "1.26", "1.27", "1.28", "1.29", "1.30"]
+
+IMAGECACHE_CRD = "imagecaches.oci.csi.dev"
+# Where in-cluster Kubernetes clients look for the token, CA and namespace.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # Non-default values touching every knob of the chart at once.
 # A public key for the chart's signature policy (its private half was thrown away).
@@ -108,6 +118,8 @@ CUSTOM_VALUES = {
         "extraArgs": ["--first-byte-timeout=400"],
     },
     "controller": {"replicas": 2, "extraArgs": ["--log-level=warning"]},
+    # The CRD managed elsewhere (e.g. a second installation): RBAC and flags only.
+    "prewarm": {"enabled": True, "installCRD": False},
     "storageClasses": [
         {
             "name": "oci-tiny-llm-v1",
@@ -134,6 +146,7 @@ VALUE_SETS = {
         "metrics": {"port": ""},
         "runtimeDir": {"hostPath": ""},
     },
+    "no-prewarm": {"prewarm": {"enabled": False}},
 }
 
 
@@ -149,13 +162,13 @@ def _values_file(tmp_path: Path, values: dict) -> Path:
     return path
 
 
-def render(tmp_path: Path, values: dict, *extra: str) -> list[dict]:
+def render(tmp_path: Path, values: dict, *extra: str, namespace: str = "csi-oci") -> list[dict]:
     result = _helm(
         "template",
         "csi-oci",
         str(CHART),
         "--namespace",
-        "csi-oci",
+        namespace,
         "-f",
         str(_values_file(tmp_path, values)),
         *extra,
@@ -197,8 +210,9 @@ def load_yaml_files(directory: Path) -> list[tuple[str, dict]]:
     return docs
 
 
-# Custom resources: not in the Kubernetes API schemas (their CRDs come with
-# the operator that serves them), so only their envelope is checked.
+# Custom resources of other projects: not in the Kubernetes API schemas (their
+# CRDs come with the operator that serves them), so only their envelope is
+# checked. Those of the chart's own CRDs are validated against the CRD.
 CUSTOM_RESOURCE_GROUPS = ("monitoring.coreos.com/",)
 
 
@@ -206,13 +220,133 @@ def is_custom_resource(doc: dict) -> bool:
     return doc["apiVersion"].startswith(CUSTOM_RESOURCE_GROUPS)
 
 
+@functools.cache
+def chart_crds() -> dict[tuple[str, str], dict]:
+    """The CustomResourceDefinitions of the chart (default values), by (apiVersion, kind)."""
+    result = _helm("template", "csi-oci", str(CHART), "--namespace", "csi-oci")
+    assert result.returncode == 0, result.stderr
+    crds = {}
+    for doc in yaml.safe_load_all(result.stdout):
+        if doc and doc["kind"] == "CustomResourceDefinition":
+            for version in doc["spec"]["versions"]:
+                api_version = f"{doc['spec']['group']}/{version['name']}"
+                crds[(api_version, doc["spec"]["names"]["kind"])] = doc
+    return crds
+
+
+def is_chart_resource(doc: dict) -> bool:
+    return (doc["apiVersion"], doc["kind"]) in chart_crds()
+
+
+def structural_problems(schema: dict, where: str = "") -> list[str]:
+    """Why `schema` is not a structural schema (apiextensions.k8s.io/v1 requires one):
+    every node has a type, unless it preserves unknown fields or is int-or-string."""
+    problems = []
+    if not schema.get("type") and not (
+        schema.get("x-kubernetes-preserve-unknown-fields")
+        or schema.get("x-kubernetes-int-or-string")
+    ):
+        problems.append(f"{where or '.'}: no type")
+    for forbidden in ("$ref", "allOf", "oneOf", "anyOf", "not"):
+        if forbidden in schema:
+            problems.append(f"{where or '.'}: {forbidden} (not checked here)")
+    if "properties" in schema and "additionalProperties" in schema:
+        problems.append(f"{where or '.'}: both properties and additionalProperties")
+    for name, sub in schema.get("properties", {}).items():
+        problems += structural_problems(sub, f"{where}.{name}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        problems += structural_problems(schema["additionalProperties"], f"{where}.*")
+    if "items" in schema:
+        problems += structural_problems(schema["items"], f"{where}[]")
+    item = schema.get("items", {})
+    for key in schema.get("x-kubernetes-list-map-keys", []):
+        if key not in item.get("required", []) and "default" not in item["properties"][key]:
+            problems.append(f"{where}: list-map key {key} neither required nor defaulted")
+    return problems
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD schema as a JSON Schema that refuses unknown fields, as the API
+    server does with strict field validation (it would prune them otherwise)."""
+    schema = copy.deepcopy(schema)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if node.get("type") == "object" and "properties" in node:
+            node.setdefault("additionalProperties", False)
+        stack += list(node.get("properties", {}).values())
+        if isinstance(node.get("additionalProperties"), dict):
+            stack.append(node["additionalProperties"])
+        if "items" in node:
+            stack.append(node["items"])
+    return schema
+
+
+def _list_map_keys(validator, keys, instance, schema):
+    """x-kubernetes-list-type: map: the keys identify each item."""
+    if not validator.is_type(instance, "array"):
+        return
+    seen = set()
+    for item in instance:
+        key = tuple(item.get(k) for k in keys) if isinstance(item, dict) else item
+        if key in seen:
+            yield jsonschema.ValidationError(f"duplicate list-map key {key}")
+        seen.add(key)
+
+
+# OpenAPI v3.0 schema objects mean what JSON Schema draft 4 says, plus Kubernetes'
+# extensions; formats as the API server checks them.
+_CRDValidator = jsonschema.validators.extend(
+    jsonschema.Draft4Validator, {"x-kubernetes-list-map-keys": _list_map_keys}
+)
+_FORMATS = jsonschema.FormatChecker()
+
+
+@_FORMATS.checks("date-time", raises=ValueError)
+def _is_date_time(value: object) -> bool:
+    return not isinstance(value, str) or bool(datetime.datetime.fromisoformat(value).tzinfo)
+
+
+@_FORMATS.checks("int64")
+def _is_int64(value: object) -> bool:
+    return not isinstance(value, int) or -(2**63) <= value < 2**63
+
+
+def custom_resource_errors(doc: dict) -> list[str]:
+    """What the API server would refuse in a custom resource of the chart's CRDs."""
+    crd = chart_crds()[(doc["apiVersion"], doc["kind"])]
+    version = doc["apiVersion"].split("/")[1]
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    errors = []
+    if not served["served"]:
+        errors.append(f"version {version} is not served")
+    metadata = doc.get("metadata", {})
+    if not metadata.get("name"):
+        errors.append("metadata.name is missing")
+    if crd["spec"]["scope"] == "Cluster" and "namespace" in metadata:
+        errors.append(f"{doc['kind']} is cluster-scoped: no metadata.namespace")
+    schema = _strict(served["schema"]["openAPIV3Schema"])
+    validator = _CRDValidator(schema, format_checker=_FORMATS)
+    errors += [
+        f"{'.'.join(map(str, e.absolute_path)) or '.'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))
+    ]
+    return errors
+
+
 def validate_all(docs: list[dict], version: str) -> int:
-    """Validate every built-in object strictly; returns how many were validated."""
+    """Validate every built-in object strictly, and the chart's own custom
+    resources against their CRD; returns how many were validated."""
     validated = 0
     for doc in docs:
         if is_custom_resource(doc):
             assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, doc["kind"]
             assert doc["metadata"]["name"], doc["kind"]
+            continue
+        if is_chart_resource(doc):
+            errors = custom_resource_errors(doc)
+            assert not errors, f"{doc['kind']}/{doc['metadata'].get('name')}: {errors}"
+            validated += 1
             continue
         what = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
         try:
@@ -245,8 +379,9 @@ def test_plain_manifests_are_valid(version):
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_examples_are_valid(version):
     docs = [doc for _, doc in load_yaml_files(EXAMPLES)]
-    builtin = [d for d in docs if not is_custom_resource(d)]
-    assert validate_all(docs, version) == len(builtin) >= 15
+    checked = [d for d in docs if not is_custom_resource(d)]
+    assert validate_all(docs, version) == len(checked) >= 15
+    assert by_kind(docs, "ImageCache"), "pre-warm example"
 
 
 def test_strict_validation_catches_a_misspelt_field():
@@ -432,7 +567,8 @@ def test_inline_lazy_server_drops_the_container_and_fuse_device(tmp_path):
     assert "--metrics-address=" in driver["args"]
     assert "readinessProbe" not in driver
     assert not by_kind(docs, "Deployment") and not by_kind(docs, "CSIDriver")
-    assert not by_kind(docs, "ClusterRole")
+    # Only the node plugin's pre-warm role is left.
+    assert [r["metadata"]["name"] for r in by_kind(docs, "ClusterRole")] == ["csi-oci-node"]
 
 
 def test_sidecar_versions(tmp_path):
@@ -450,8 +586,9 @@ def test_sidecar_versions(tmp_path):
     assert tags["csi-oci"] == yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 
 
-def test_controller_runs_unprivileged_with_least_rbac(tmp_path):
-    docs = render(tmp_path, {})
+@pytest.mark.parametrize("prewarm", [True, False], ids=["prewarm", "no-prewarm"])
+def test_controller_runs_unprivileged_with_least_rbac(tmp_path, prewarm):
+    docs = render(tmp_path, {"prewarm": {"enabled": prewarm}})
     pod = one(docs, "Deployment", "csi-oci-controller")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 65532
@@ -466,21 +603,356 @@ def test_controller_runs_unprivileged_with_least_rbac(tmp_path):
     ]
     for rule in rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-        assert "secrets" not in rule["resources"], "no Secret access anywhere"
+        assert "*" not in rule["apiGroups"], rule
+    # Secrets: at most `get` in the release namespace, for pre-warm's pull Secrets
+    # (test_prewarm_rbac pins that Role).
+    secret_roles = [
+        role
+        for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role")
+        if any("secrets" in r["resources"] for r in role["rules"])
+    ]
+    expected_secret_roles = [("Role", "csi-oci-node-secrets")] if prewarm else []
+    assert [(r["kind"], r["metadata"]["name"]) for r in secret_roles] == expected_secret_roles
     writable = {
         res
         for r in rules
         for res in r["resources"]
         if set(r["verbs"]) & {"create", "update", "patch", "delete"}
     }
-    assert writable == {"persistentvolumes", "persistentvolumeclaims", "events", "leases"}
-    # The node plugin has no RBAC at all.
+    expected = {"persistentvolumes", "persistentvolumeclaims", "events", "leases"}
+    assert writable == expected | ({"imagecaches/status"} if prewarm else set())
+    # The node plugin has RBAC only for pre-warm.
     bound = {
         s["name"]
         for b in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding")
         for s in b["subjects"]
     }
-    assert bound == {"csi-oci-controller"}
+    assert bound == {"csi-oci-controller"} | ({"csi-oci-node"} if prewarm else set())
+
+
+# -- pre-warm (ImageCache) -----------------------------------------------------------------
+
+
+def _rules(role: dict) -> list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    return [
+        (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"])))
+        for r in role["rules"]
+    ]
+
+
+def _imagecache_crd(docs: list[dict]) -> dict:
+    return one(docs, "CustomResourceDefinition", IMAGECACHE_CRD)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_imagecache_crd(tmp_path, version):
+    docs = render(tmp_path, {}, "--kube-version", f"v{version}.0")
+    crd = _imagecache_crd(docs)
+    assert validate_all([crd], version) == 1
+    # helm uninstall must not take the users' ImageCaches with it.
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    spec = crd["spec"]
+    assert spec["group"] == "oci.csi.dev" and spec["scope"] == "Cluster"
+    assert spec["names"] == {
+        "kind": "ImageCache",
+        "listKind": "ImageCacheList",
+        "plural": "imagecaches",
+        "singular": "imagecache",
+        "shortNames": ["imgcache"],
+    }
+    (v1alpha1,) = spec["versions"]
+    assert (v1alpha1["name"], v1alpha1["served"], v1alpha1["storage"]) == ("v1alpha1", True, True)
+    assert v1alpha1["subresources"] == {"status": {}}
+    assert v1alpha1["additionalPrinterColumns"] == [
+        {"name": "Image", "type": "string", "jsonPath": ".spec.image"},
+        {"name": "Digest", "type": "string", "jsonPath": ".status.digest"},
+        {
+            "name": "Ready",
+            "type": "string",
+            "description": "Nodes with the image ready / nodes selected.",
+            "jsonPath": ".status.ready",
+        },
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+    schema = v1alpha1["schema"]["openAPIV3Schema"]
+    assert structural_problems(schema) == []
+    assert structural_problems({"type": "object", "properties": {"x": {}}}) == [".x: no type"]
+    _CRDValidator.check_schema(_strict(schema))
+    fields = schema["properties"]["spec"]["properties"]
+    assert schema["properties"]["spec"]["required"] == ["image"]
+    assert set(fields) == {
+        "image",
+        "nodeSelector",
+        "include",
+        "mode",
+        "pullSecrets",
+        "platform",
+        "refresh",
+        "signaturePolicy",
+    }
+    assert fields["mode"]["enum"] == ["unpack", "lazy"] and fields["mode"]["default"] == "unpack"
+    assert (fields["include"]["maxItems"], fields["pullSecrets"]["maxItems"]) == (256, 16)
+    expression = fields["nodeSelector"]["properties"]["matchExpressions"]["items"]
+    assert expression["properties"]["operator"]["enum"] == ["In", "NotIn", "Exists", "DoesNotExist"]
+    status = schema["properties"]["status"]["properties"]
+    assert set(status) == {"nodes", "selectedNodes", "readyNodes", "ready", "digest"}
+    nodes = status["nodes"]
+    assert nodes["x-kubernetes-list-type"] == "map"
+    assert nodes["x-kubernetes-list-map-keys"] == ["node"]
+    assert nodes["items"]["properties"]["phase"]["enum"] == [
+        "Pending",
+        "Pulling",
+        "Ready",
+        "Failed",
+    ]
+    assert nodes["items"]["properties"]["bytes"]["format"] == "int64"
+
+
+GOOD_IMAGECACHE = {
+    "apiVersion": "oci.csi.dev/v1alpha1",
+    "kind": "ImageCache",
+    "metadata": {"name": "llm"},
+    "spec": {
+        "image": "registry.example.com/models/llm:v1",
+        "nodeSelector": {
+            "matchLabels": {"models.example.com/llm": "true"},
+            "matchExpressions": [{"key": "gpu", "operator": "Exists"}],
+        },
+        "include": ["*.json"],
+        "mode": "lazy",
+        "pullSecrets": ["pull"],
+        "platform": "linux/arm64/v8",
+        "refresh": "90s",
+        "signaturePolicy": "models",
+    },
+    "status": {
+        "nodes": [
+            {
+                "node": "n1",
+                "digest": "sha256:" + "a" * 64,
+                "phase": "Ready",
+                "bytes": 5 * 2**40,
+                "totalBytes": 5 * 2**40,
+                "percent": 100,
+                "message": "",
+                "lastUpdate": "2025-01-02T03:04:05Z",
+                "pinned": True,
+            },
+            {"node": "n2", "phase": "Pulling", "percent": 3},
+        ],
+        "selectedNodes": 2,
+        "readyNodes": 1,
+        "ready": "1/2",
+        "digest": "sha256:" + "a" * 64,
+    },
+}
+
+
+def _changed(path: str, value: object) -> dict:
+    """GOOD_IMAGECACHE with the field at dotted `path` set (None: removed)."""
+    doc = copy.deepcopy(GOOD_IMAGECACHE)
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    target = doc
+    for p in parents:
+        target = target[p]
+    if value is None:
+        del target[last]
+    else:
+        target[last] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec.image", None),
+        ("spec.image", ""),
+        ("spec.image", "r/" + "x" * 1023),
+        ("spec.mode", "eager"),
+        ("spec.imagePullSecrets", ["pull"]),
+        ("spec.refresh", "1d"),
+        ("spec.refresh", "1h30m"),
+        ("spec.platform", "linux"),
+        ("spec.platform", "Linux/amd64"),
+        ("spec.pullSecrets", [f"s{i}" for i in range(17)]),
+        ("spec.include", ["*"] * 257),
+        ("spec.include", "*.json"),
+        ("spec.signaturePolicy", "r" * 129),
+        ("spec.nodeSelector.matchExpressions.0.operator", "Gt"),
+        ("spec.nodeSelector.matchExpressions.0.key", None),
+        ("spec.nodeSelector.matchLabels", {"gpu": True}),
+        ("spec", None),
+        ("metadata.namespace", "default"),
+        ("status.nodes.1.node", "n1"),
+        ("status.nodes.1.node", None),
+        ("status.nodes.1.phase", "Done"),
+        ("status.nodes.1.percent", 101),
+        ("status.nodes.1.bytes", 2**63),
+        ("status.nodes.1.lastUpdate", "yesterday"),
+        ("status.ready", 1),
+    ],
+)
+def test_imagecache_schema_refuses_mistakes(path, value):
+    # Guards the guard: the validator used for the examples refuses what the
+    # API server would.
+    assert custom_resource_errors(GOOD_IMAGECACHE) == []
+    assert custom_resource_errors(_changed(path, value)), (path, value)
+
+
+def test_imagecache_example(tmp_path):
+    docs = [doc for _, doc in load_yaml_files(EXAMPLES)]
+    caches = by_kind(docs, "ImageCache")
+    assert caches
+    for cache in caches:
+        assert custom_resource_errors(cache) == [], cache["metadata"]["name"]
+    first = caches[0]["spec"]
+    assert ":" in first["image"].rsplit("/", 1)[1] and "@" not in first["image"], "by tag"
+    assert first["refresh"] == "1h"
+    assert first["pullSecrets"] and first["include"]
+    assert first["nodeSelector"]["matchLabels"] == {"models.example.com/llm": "true"}
+    keys = {
+        e["key"]
+        for c in caches
+        for e in c["spec"].get("nodeSelector", {}).get("matchExpressions", [])
+    }
+    assert "node.kubernetes.io/instance-type" in keys
+    # The pod in the example asks for what the first ImageCache warms.
+    (pod,) = by_kind(docs_named(EXAMPLES / "imagecache.yaml"), "Pod")
+    (attributes,) = [v["csi"]["volumeAttributes"] for v in pod["spec"]["volumes"] if "csi" in v]
+    assert attributes["image"] == first["image"]
+    assert attributes["include"].split(",") == first["include"]
+    assert pod["spec"]["nodeSelector"].items() <= first["nodeSelector"]["matchLabels"].items()
+
+
+def docs_named(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("namespace", ["csi-oci", "models-system"])
+def test_prewarm_rbac(tmp_path, namespace):
+    docs = render(tmp_path, {}, namespace=namespace)
+    node_role = one(docs, "ClusterRole", "csi-oci-node")
+    assert _rules(node_role) == [
+        (("oci.csi.dev",), ("imagecaches",), ("get", "list", "watch")),
+        (("oci.csi.dev",), ("imagecaches/status",), ("patch",)),
+        (("",), ("nodes",), ("get",)),
+    ]
+    secrets_role = one(docs, "Role", "csi-oci-node-secrets")
+    assert secrets_role["metadata"]["namespace"] == namespace
+    assert _rules(secrets_role) == [(("",), ("secrets",), ("get",))]
+    node_sa = {"kind": "ServiceAccount", "name": "csi-oci-node", "namespace": namespace}
+    binding = one(docs, "ClusterRoleBinding", "csi-oci-node")
+    assert binding["subjects"] == [node_sa]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "csi-oci-node",
+    }
+    binding = one(docs, "RoleBinding", "csi-oci-node-secrets")
+    assert binding["metadata"]["namespace"] == namespace
+    assert binding["subjects"] == [node_sa]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "csi-oci-node-secrets",
+    }
+    # Nothing else of the node's touches Secrets, and no ClusterRole does.
+    for role in by_kind(docs, "ClusterRole"):
+        assert all("secrets" not in r["resources"] for r in role["rules"]), role["metadata"]
+    node_bindings = [
+        b
+        for b in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding")
+        if node_sa in b["subjects"]
+    ]
+    assert len(node_bindings) == 2
+
+    controller_rules = _rules(one(docs, "ClusterRole", "csi-oci-provisioner"))
+    for rule in (
+        (("oci.csi.dev",), ("imagecaches",), ("get", "list", "watch")),
+        (("oci.csi.dev",), ("imagecaches/status",), ("patch",)),
+        (("",), ("nodes",), ("get", "list", "watch")),
+    ):
+        assert rule in controller_rules
+    imagecache_rules = [r for r in controller_rules if r[0] == ("oci.csi.dev",)]
+    assert len(imagecache_rules) == 2
+
+
+@pytest.mark.parametrize("variant", ["defaults", "custom"])
+def test_prewarm_token_reaches_the_driver_container_only(tmp_path, variant):
+    docs = render(tmp_path, VALUE_SETS[variant])
+    assert one(docs, "ServiceAccount", "csi-oci-node")["automountServiceAccountToken"] is False
+    pod = _node_pod(docs)
+    assert pod["automountServiceAccountToken"] is False
+    assert volumes(pod)["api-access"] == {
+        "name": "api-access",
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+                {
+                    "configMap": {
+                        "name": "kube-root-ca.crt",
+                        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                    }
+                },
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {
+                                "path": "namespace",
+                                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                            }
+                        ]
+                    }
+                },
+            ]
+        },
+    }
+    users = {
+        c["name"]: m
+        for c in pod["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] == "api-access" or m["mountPath"].startswith("/var/run/secrets")
+    }
+    assert users == {
+        "csi-oci": {"name": "api-access", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}
+    }
+    driver = container(pod, "csi-oci")
+    assert "--prewarm" in driver["args"]
+    assert "--namespace=$(POD_NAMESPACE)" in driver["args"]
+    env = {e["name"]: e for e in driver["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert not [a for a in container(pod, "lazy-server")["args"] if "prewarm" in a]
+    controller = one(docs, "Deployment", "csi-oci-controller")["spec"]["template"]["spec"]
+    assert "--prewarm" in container(controller, "csi-oci")["args"]
+    assert bool(by_kind(docs, "CustomResourceDefinition")) == (variant == "defaults")
+
+
+def test_prewarm_disabled_renders_none_of_it(tmp_path):
+    docs = render(tmp_path, VALUE_SETS["no-prewarm"])
+    assert not by_kind(docs, "CustomResourceDefinition")
+    roles = by_kind(docs, "ClusterRole") + by_kind(docs, "Role")
+    assert [r["metadata"]["name"] for r in roles] == [
+        "csi-oci-provisioner",
+        "csi-oci-provisioner-leader-election",
+    ]
+    for rule in [r for role in roles for r in role["rules"]]:
+        assert "oci.csi.dev" not in rule["apiGroups"] and "secrets" not in rule["resources"]
+    bindings = by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding")
+    assert {s["name"] for b in bindings for s in b["subjects"]} == {"csi-oci-controller"}
+    pod = _node_pod(docs)
+    assert "api-access" not in volumes(pod)
+    assert "POD_NAMESPACE" not in {e["name"] for e in container(pod, "csi-oci")["env"]}
+    for c in pod["containers"]:
+        assert not [a for a in c["args"] if a.startswith(("--prewarm", "--namespace"))], c["name"]
+        assert not [m for m in c.get("volumeMounts", []) if "/var/run/secrets" in m["mountPath"]]
+    controller = one(docs, "Deployment", "csi-oci-controller")["spec"]["template"]["spec"]
+    assert "--prewarm" not in container(controller, "csi-oci")["args"]
+    # installCRD=false: RBAC and flags, but no CRD.
+    docs = render(tmp_path, {"prewarm": {"installCRD": False}})
+    assert not by_kind(docs, "CustomResourceDefinition")
+    assert one(docs, "ClusterRole", "csi-oci-node")
+    assert "--prewarm" in container(_node_pod(docs), "csi-oci")["args"]
 
 
 def test_custom_values_reach_the_objects(tmp_path):
@@ -607,12 +1079,15 @@ def test_manifest_flags_are_accepted_by_the_cli(tmp_path, variant):
     node_pod = _node_pod(docs)
     controller_pod = one(docs, "Deployment", "csi-oci-controller")["spec"]["template"]["spec"]
     node_args = [
-        a.replace("$(NODE_NAME)", "node-1") for a in container(node_pod, "csi-oci")["args"]
+        a.replace("$(NODE_NAME)", "node-1").replace("$(POD_NAMESPACE)", "csi-oci")
+        for a in container(node_pod, "csi-oci")["args"]
     ]
     parsed = _parse_cli(node_args)
     assert (parsed.command, parsed.mode) == ("serve", "node")
+    assert (parsed.prewarm, parsed.namespace) == (True, "csi-oci")
     parsed = _parse_cli(container(controller_pod, "csi-oci")["args"])
     assert (parsed.command, parsed.mode) == ("serve", "controller")
+    assert parsed.prewarm is True
 
     lazy_args = container(node_pod, "lazy-server")["args"]
     assert _parse_cli(lazy_args).command == "lazy-server"

@@ -28,6 +28,9 @@ from csi_oci.csi.node import NodeService
 from csi_oci.csi.redact import one_line, one_line_text
 from csi_oci.csi.v1 import csi_pb2_grpc
 from csi_oci.errors import CsiOciError, InvalidArgument, status_code_for
+from csi_oci.prewarm.kube import KubeApi
+from csi_oci.prewarm.summary import Summarizer
+from csi_oci.prewarm.warmer import Prewarmer
 from csi_oci.telemetry import endpoint as telemetry_endpoint
 from csi_oci.telemetry import instruments
 
@@ -158,6 +161,9 @@ class ServeOptions:
     node: NodeSettings
     metrics_address: str = ""  # host:port of /metrics and /healthz; "" disables them
     metrics_image_labels: bool = False  # label lazy metrics by image and digest
+    prewarm: bool = False  # watch ImageCaches (csi_oci.prewarm)
+    namespace: str = ""  # the driver's namespace (ImageCache pullSecrets live there)
+    kubeconfig: str | None = None  # None: the pod's service account
 
 
 def build_server(opts: ServeOptions) -> tuple[grpc.Server, NodeParts | None]:
@@ -204,6 +210,33 @@ def _start_lazy_watchdog(parts: NodeParts) -> None:
                 logging.getLogger("csi_oci").exception("lazy watchdog")
 
     threading.Thread(target=run, name="lazy-watchdog", daemon=True).start()
+
+
+def _start_prewarm(opts: ServeOptions, parts: NodeParts | None) -> None:
+    """The node's pre-warmer and (controller) the ImageCache summary; without API
+    access they are off, logged, and volumes are served all the same."""
+    main_log = logging.getLogger("csi_oci")
+    try:
+        api = KubeApi(opts.kubeconfig)
+    except Exception as exc:
+        main_log.error("pre-warm is off: no access to the Kubernetes API (%s)", exc)
+        return
+    if parts is not None:
+        if not opts.namespace:
+            main_log.warning("pre-warm: no --namespace; ImageCache pullSecrets cannot be read")
+        Prewarmer(
+            opts.node_id,
+            opts.namespace,
+            api,
+            parts.store,
+            parts.puller,
+            parts.volumes.signatures,
+            parts.node_credentials,
+            parts.volumes,
+        ).start()
+        main_log.info("pre-warm: watching ImageCaches for node %s", opts.node_id)
+    if opts.mode in ("controller", "all"):
+        Summarizer(api).start()
 
 
 def _start_metrics(
@@ -255,6 +288,8 @@ def serve(opts: ServeOptions) -> int:
     serving = threading.Event()
     serving.set()
     metrics_server = _start_metrics(opts, path, parts, serving)
+    if opts.prewarm:
+        _start_prewarm(opts, parts)
     if parts is not None and not opts.node.lazy_external:
         _start_lazy_watchdog(parts)  # else the lazy-server container watches them
         if parts.volumes.lazy is not None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -71,6 +72,10 @@ class VolumeManager:
         self.records = VolumeRecords(store.root / "volumes")
         self.locks = TargetLocks(self.records.dir / "locks", publish_wait)
         self.usage = VolumeUsageReader(store, self.records, lazy)
+        # Lazy servers pre-warm keeps (csi_oci.prewarm): not released when their
+        # last volume goes.
+        self._lazy_held: set[str] = set()
+        self._lazy_held_lock = threading.Lock()
         puller.in_use = self.records.in_use  # trees of published volumes are never evicted
 
     def recover(self) -> None:
@@ -315,5 +320,19 @@ class VolumeManager:
             self.records.forget(target)
             log.info("unpublished %s from %s", volume_id, target)
             if rec is not None and rec.tree.startswith("lazy:") and self.lazy is not None:
-                if rec.tree not in self.records.refcounts():
-                    self.lazy.release(rec.tree.removeprefix("lazy:"))
+                key = rec.tree.removeprefix("lazy:")
+                with self._lazy_held_lock:
+                    held = key in self._lazy_held
+                if rec.tree not in self.records.refcounts() and not held:
+                    self.lazy.release(key)
+
+    def hold_lazy(self, key: str, *, held: bool) -> None:
+        """Keep (or stop keeping) a lazy image's server without a volume: pre-warm's.
+        Let go, it stops at once unless a volume uses it."""
+        with self._lazy_held_lock:
+            if held:
+                self._lazy_held.add(key)
+                return
+            self._lazy_held.discard(key)
+        if self.lazy is not None and f"lazy:{key}" not in self.records.refcounts():
+            self.lazy.release(key)

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from csi_oci.storage.pins import StorePins
 from csi_oci.storage.records import ImageRecord, Usage, blob_pin
 from csi_oci.telemetry import instruments
 
@@ -78,6 +79,9 @@ class CacheSpace:
         self._pins_lock = threading.Lock()
         self._evict_lock = threading.Lock()  # one eviction at a time (parallel pulls)
         self._pinned: dict[str, int] = {}  # trees (and blobs) a publish or pull holds on to
+        # Pins that outlive a call (pre-warmed images): a file, so another
+        # process (`csi-oci gc`) and a restarted driver honour them too.
+        self.held = StorePins(Path(contents.root) / "pins.json")
 
     @contextlib.contextmanager
     def pinned(self, key: str) -> Iterator[None]:
@@ -131,7 +135,7 @@ class CacheSpace:
         store = self._contents
         out = []
         with self._pins_lock:
-            busy = set(in_use) | set(self._pinned)
+            busy = set(in_use) | set(self._pinned) | self.held.keys()
         for rec in store.list_images():
             key = rec.key or rec.digest
             if key in busy:

@@ -152,3 +152,18 @@ SIGNATURE_CHECK_DURATION = Histogram(
     buckets=(0.001, 0.005, 0.02, 0.05, 0.2, 0.5, 1, 5, 30),
     registry=REGISTRY,
 )
+
+
+PREWARM_ENTRIES = Gauge(
+    "csi_oci_prewarm_entries",
+    "ImageCaches that select this node, by phase (Pending, Pulling, Ready, Failed)",
+    ["phase"],
+    registry=REGISTRY,
+)
+
+
+PREWARM_PINNED_BYTES = Gauge(
+    "csi_oci_prewarm_pinned_bytes",
+    "Bytes of trees pinned in the store by ImageCaches that select this node",
+    registry=REGISTRY,
+)
