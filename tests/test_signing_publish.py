@@ -177,6 +177,18 @@ def test_certificate_identity_is_matched_and_named(
     message = denied(lambda: d2.publish(target(tmp_path), {"image": image.reference}))
     assert "certificate identity subject" in message
     assert "san release@acme.test" in message and "wanted san=ci@acme\\.test" in message
+    # Signed with --certificate alone (no --certificate-chain): the rule's roots
+    # carry the intermediate.
+    bare = fresh_image(reg)
+    S.cosign_sign_cert(reg, bare, work, pki_key, pki, chain=False)
+    with_intermediate = cert_rule(
+        "release", f"{reg.host}/models", pki.chain_path, '{ san = "release@acme\\\\.test" }'
+    )
+    d4 = make_driver("--policy-config", str(write_policy(tmp_path / "i.toml", with_intermediate)))
+    d4.publish(target(tmp_path), {"image": bare.reference})
+    assert "does not chain to a trusted root" in denied(
+        lambda: d.publish(target(tmp_path), {"image": bare.reference})
+    )
     other_pki = S.make_pki(tmp_path / "other-pki", name="other")
     untrusted = cert_rule("release", f"{reg.host}/models", other_pki.root_path, '{ san = ".*" }')
     d3 = make_driver("--policy-config", str(write_policy(tmp_path / "untrusted.toml", untrusted)))

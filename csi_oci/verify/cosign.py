@@ -111,7 +111,10 @@ def verify_simple_signing(
     if requirement.certs is not None and cert_pem:
         try:
             certs = load_certificates(cert_pem.encode(), "cosign certificate")
-            chain = load_certificates(annotations.get(ANNOTATION_CHAIN, "").encode(), "chain")
+            # Signed without --certificate-chain: no annotation, the rule's roots
+            # must hold the intermediates.
+            chain_pem = annotations.get(ANNOTATION_CHAIN, "")
+            chain = load_certificates(chain_pem.encode(), "chain") if chain_pem else []
         except ValueError as exc:
             raise SignatureRejected(str(exc), RANK_MALFORMED) from None
         if len(certs) != 1:

@@ -96,7 +96,7 @@ def load_public_key(pem: bytes, where: str) -> PublicKey:
             key = x509.load_pem_x509_certificate(pem).public_key()
         else:
             key = serialization.load_pem_public_key(pem)
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise ValueError(f"{where}: not a PEM public key or certificate ({exc})") from None
     return checked_key(key, where)
 

@@ -34,4 +34,5 @@ TARGETS: dict[str, str] = {
     "tar": "t_tar",
     "manifest": "t_manifest",
     "registry": "t_registry",
+    "signatures": "t_signatures",
 }

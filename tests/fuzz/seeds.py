@@ -12,7 +12,12 @@
   to a loopback docker-registry (OCI and Docker schema 2, lists, artifacts,
   a lazy image), read back over the distribution API;
 * registry responses: the error bodies, challenges, token responses, tag
-  lists and Content-Range headers of docker-registry and the test token server.
+  lists and Content-Range headers of docker-registry and the test token server;
+* signatures: what cosign (simple signing, key and certificate; Sigstore
+  bundles by ``attest --new-bundle-format`` and ``sign-blob``), notation (JWS
+  and COSE) and model-signing (key and certificate) push to a loopback olareg,
+  signed with the fuzz target's fixed keys and CA (tests/fuzz/t_signatures.py),
+  and the two Sigstore bundles of real instances in tests/data/sigstore.
 
 Everything is regenerated when SEEDS_VERSION changes or with ``--force``
 (``python -m tests.fuzz seeds --force``).
@@ -40,7 +45,7 @@ import zstandard
 from . import TARGETS
 from .common import SEEDS_ROOT
 
-SEEDS_VERSION = "4"
+SEEDS_VERSION = "5"
 STAMP = SEEDS_ROOT / "STAMP"
 
 
@@ -472,6 +477,273 @@ def gen_remote(seeds: Seeds, work: Path, tars: list[tuple[str, bytes]]) -> None:
             rseeds.add(seed, label)
 
 
+# -- signatures ----------------------------------------------------------------------------
+
+
+def _signature_layers(
+    registry: Any, repo: str, manifest_digest: str
+) -> list[tuple[str, dict[str, str], bytes]]:
+    """(media type, annotations, blob) of each layer of a signature manifest."""
+    from tests.support.signing import get_blob_bytes, get_json
+
+    manifest = get_json(registry, repo, manifest_digest)
+    return [
+        (
+            layer["mediaType"],
+            dict(layer.get("annotations") or {}),
+            get_blob_bytes(registry, repo, layer["digest"]),
+        )
+        for layer in manifest.get("layers", [])
+    ]
+
+
+def _signing_material(work: Path) -> tuple[Any, Any, Any]:
+    """The fuzz target's fixed keys and CA as the signing helpers want them: files,
+    a KeyPair for the signer key and a TestPKI for the leaf."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.support.signing import Cert, KeyPair, TestPKI, private_pem, public_pem
+
+    from .t_signatures import ED25519, INTERMEDIATE, KEYS, LEAF, ROOT
+
+    work.mkdir(parents=True, exist_ok=True)
+
+    def pair(name: str, key: Any, key_type: str) -> Any:
+        (work / f"{name}.key").write_bytes(private_pem(key))
+        (work / f"{name}.pub").write_bytes(public_pem(key))
+        return KeyPair(key_type, key, work / f"{name}.key", work / f"{name}.pub")  # type: ignore[arg-type]
+
+    def cert(name: str, certificate: Any, key_type: str) -> Any:
+        path = work / f"{name}.pem"
+        path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        return Cert(certificate, pair(f"{name}-key", KEYS[name], key_type), path)
+
+    root = cert("root", ROOT, "ecdsa-p384")
+    inter = cert("intermediate", INTERMEDIATE, "ecdsa-p384")
+    leaf = cert("leaf", LEAF, "ecdsa-p256")
+    chain = work / "chain.pem"
+    chain.write_bytes(inter.pem + root.pem)
+    fullchain = work / "fullchain.pem"
+    fullchain.write_bytes(leaf.pem + chain.read_bytes())
+    pki = TestPKI(root, inter, leaf, chain, fullchain, root.path, inter.path)
+    return pair("signer", KEYS["signer"], "ecdsa-p256"), pair("ed25519", ED25519, "ed25519"), pki
+
+
+def _patched_leaf(old: bytes, new: bytes) -> bytes:
+    """The target's leaf certificate (DER) with one field changed in place."""
+    from cryptography.hazmat.primitives import serialization
+
+    from .t_signatures import LEAF
+
+    der = LEAF.public_bytes(serialization.Encoding.DER)
+    assert der.count(old) == 1 and len(old) == len(new), old
+    return der.replace(old, new)
+
+
+def signature_regressions() -> list[tuple[str, bytes]]:
+    """Inputs for what the fuzzer found in csi_oci/verify (fixed in ba14a70 and
+    d548538), written from the findings: each raised the exception named with the
+    code before. Seeds, so every fuzz run (tests/test_fuzz.py's too) replays them."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from .t_signatures import INTERMEDIATE
+
+    # cryptography parses these lazily: the leaf loads, a field raises later.
+    bad = {
+        # InvalidVersion (not a ValueError) from x509.load_*_certificate(s)
+        "version-42": _patched_leaf(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x2a"),
+        # DuplicateExtension out of CertificateIdentity.of (authorityKeyIdentifier's
+        # OID turned into subjectKeyIdentifier's)
+        "duplicate-ski": _patched_leaf(bytes.fromhex("0603551d23"), bytes.fromhex("0603551d0e")),
+        # ValueError out of CertificateIdentity.of (trust.py, outside CertTrust.check
+        # when models.py names the signer): an email SAN that is not IA5
+        "san-not-ia5": _patched_leaf(b"signer@example.test", b"signer\xffexample.test"),
+        # UnsupportedAlgorithm from public_key() (cosign.py caught ValueError only)
+        "unknown-key-type": _patched_leaf(
+            bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d0209")
+        ),
+    }
+
+    def pem(der: bytes) -> bytes:
+        b64 = base64.encodebytes(der).replace(b"\n", b"")
+        lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+        return (
+            b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
+        )
+
+    def sigstore(
+        material: dict[str, Any], payload_type: str = "application/vnd.in-toto+json"
+    ) -> bytes:
+        statement = {
+            "_type": "https://in-toto.io/Statement/v1",
+            "subject": [{"name": "x", "digest": {"sha256": "1" * 64}}],
+            "predicateType": "https://model_signing/signature/v1.0",
+            "predicate": {},
+        }
+        doc = {
+            "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+            "verificationMaterial": material,
+            "dsseEnvelope": {
+                "payload": base64.b64encode(json.dumps(statement).encode()).decode(),
+                "payloadType": payload_type,
+                "signatures": [{"sig": "AAAA"}],
+            },
+        }
+        return json.dumps(doc).encode()
+
+    payload = json.dumps(
+        {
+            "critical": {
+                "identity": {"docker-reference": "fuzz/signed"},
+                "image": {"docker-manifest-digest": "sha256:" + "1" * 64},
+                "type": "cosign container image signature",
+            },
+            "optional": None,
+        }
+    ).encode()
+    cosign_prefix = payload + b"\x00AAAA\x00"
+    chain = b"\x00" + pem(INTERMEDIATE.public_bytes(serialization.Encoding.DER))
+    out = []
+    for label, der in bad.items():
+        raw = base64.b64encode(der).decode()
+        out += [
+            (f"trust-{label}", bytes([8]) + pem(der)),
+            (f"cosign-cert-{label}", bytes([1 | 32 | 64]) + cosign_prefix + pem(der) + chain),
+            (
+                f"bundle-{label}",
+                bytes([3 | 32 | 64]) + sigstore({"certificate": {"rawBytes": raw}}),
+            ),
+            (
+                f"model-{label}",
+                bytes([7])
+                + sigstore({"x509CertificateChain": {"certificates": [{"rawBytes": raw}]}}),
+            ),
+        ]
+    # UnicodeEncodeError: a DSSE payloadType with a lone surrogate (bundle.Envelope.pae)
+    out.append(("bundle-payload-type-lone-surrogate", bytes([2]) + sigstore({}, "in-toto\ud800")))
+    # UnicodeEncodeError: a signed file named with a lone surrogate (models._relative)
+    resources = [{"name": "\ud800", "digest": "0" * 64, "algorithm": "sha256"}]
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": "m", "digest": {"sha256": "0" * 64}}],
+        "predicateType": "https://model_signing/signature/v1.0",
+        "predicate": {
+            "serialization": {"method": "files", "hash_type": "sha256", "allow_symlinks": False},
+            "resources": resources,
+        },
+    }
+    out.append(("statement-name-lone-surrogate", bytes([6]) + json.dumps(statement).encode()))
+    return out
+
+
+def gen_signatures(seeds: Seeds, work: Path) -> None:
+    """Envelopes made by the real tools with the target's keys and CA (t_signatures.py
+    explains the selector byte: handler | 16 re-seal | 32 subject | variant << 6)."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.support import signing as s
+
+    from .t_signatures import MODEL_FILES
+
+    def add(handler: int, data: bytes, name: str, flags: tuple[int, ...] = (0, 32)) -> None:
+        for flag in flags:
+            seeds.add("signatures", bytes([handler | flag]) + data, f"{name}-h{handler}-f{flag}")
+
+    def wd(name: str) -> Path:
+        (work / name).mkdir(parents=True, exist_ok=True)
+        return work / name
+
+    signer, ed_key, pki = _signing_material(work / "keys")
+    reg = s.OlaregRegistry(work / "olareg")
+    try:
+        image = s.push_tiny_image(reg, "fuzz/signed:v1")
+        # cosign keeps one signature per signer on an image: another image for the next
+        other = s.push_tiny_image(reg, "fuzz/signed:v2", content=b"signed without a chain\n")
+        repo = image.repo
+        keys = {
+            "p256": s.cosign_import_key(signer, work, name="signer"),
+            "ed25519": s.cosign_import_key(ed_key, work, name="ed25519"),
+        }
+        leaf_key = s.cosign_import_key(pki.leaf.key, work, name="leaf")
+        # cosign simple signing: by key (P-256, Ed25519), by certificate with its chain
+        signed = [(f"cosign-{k}", s.cosign_sign_key(reg, image, wd(k), v)) for k, v in keys.items()]
+        signed.append(("cosign-cert", s.cosign_sign_cert(reg, image, wd("cert"), leaf_key, pki)))
+        signed.append(
+            (
+                "cosign-cert-nochain",
+                s.cosign_sign_cert(reg, other, wd("nochain"), leaf_key, pki, chain=False),
+            )
+        )
+        seen: set[str] = set()  # cosign adds each signature as a layer of one manifest
+        for label, done in signed:
+            for media_type, annotations, blob in _signature_layers(reg, repo, done.manifests[0]):
+                if media_type != s.COSIGN_SIMPLESIGNING or repr(annotations) in seen:
+                    continue
+                seen.add(repr(annotations))
+                add(0, blob, label, (0,))
+                parts = [
+                    blob,
+                    annotations.get("dev.cosignproject.cosign/signature", "").encode(),
+                    annotations.get("dev.sigstore.cosign/certificate", "").encode(),
+                    annotations.get("dev.sigstore.cosign/chain", "").encode(),
+                ]
+                data = b"\x00".join(parts).rstrip(b"\x00")
+                variants = (0, 32, 32 | 64, 32 | 128, 32 | 192, 16 | 32 | 64)
+                add(1, data, label, variants)
+        # Sigstore bundles: attest --new-bundle-format (key, certificate), sign-blob
+        made = [
+            ("bundle-key", s.cosign_sign_bundle(reg, image, wd("bk"), keys["p256"])),
+            ("bundle-cert", s.cosign_sign_bundle(reg, image, wd("bc"), leaf_key, pki)),
+            ("bundle-blob", s.cosign_sign_blob_bundle(reg, image, wd("bb"), keys["p256"])),
+        ]
+        for label, done in made:
+            for digest in done.manifests:
+                for media_type, _, blob in _signature_layers(reg, repo, digest):
+                    if "sigstore.bundle" in media_type:
+                        add(2, blob, label, (0,))
+                        add(3, blob, label, (0, 32, 32 | 64, 32 | 128, 16 | 32 | 64))
+        # Notary Project: JWS and COSE
+        config = s.notation_setup(wd("notation"), pki)
+        for handler, fmt in ((4, "jws"), (5, "cose")):
+            done = s.notation_sign(reg, image, config, signature_format=fmt)  # type: ignore[arg-type]
+            for digest in done.manifests:
+                for media_type, _, blob in _signature_layers(reg, repo, digest):
+                    if media_type in (s.NOTATION_JWS, s.NOTATION_COSE):
+                        add(handler, blob, f"notation-{fmt}", (0, 32, 32 | 64, 16 | 32, 32 | 192))
+    finally:
+        reg.stop()
+    # model-signing over the target's tree, by key and by certificate
+    tree = work / "model"
+    for name, data in MODEL_FILES.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    for label, kwargs in (("key", {"key": signer}), ("cert", {"pki": pki})):
+        sig = s.model_sign(tree, work, signature=work / f"model-{label}.sig", **kwargs)
+        blob = sig.path.read_bytes()
+        add(2, blob, f"model-{label}", (0,))
+        add(7, blob, f"model-{label}", (0, 64, 128, 16, 16 | 64))
+        add(6, json.dumps(sig.statement).encode(), f"model-{label}", (0,))
+        add(6, base64.b64decode(sig.bundle["dsseEnvelope"]["payload"]), f"model-{label}-raw", (0,))
+    # Sigstore's public instances (tests/data/sigstore): bundles, and their certificates as PEM
+    for path in sorted((Path(__file__).resolve().parents[1] / "data" / "sigstore").glob("*.json")):
+        blob = path.read_bytes()
+        add(2, blob, path.stem, (0,))
+        add(3, blob, path.stem, (0, 32, 64 | 32))
+        raw = json.loads(blob)["verificationMaterial"].get("certificate", {}).get("rawBytes")
+        if raw:
+            cert = x509.load_der_x509_certificate(base64.b64decode(raw))
+            add(8, cert.public_bytes(serialization.Encoding.PEM), path.stem, (0, 64))
+    for label in ("leaf.pem", "fullchain.pem", "chain.pem"):
+        add(8, (work / "keys" / label).read_bytes(), label, (0, 64))
+    for label, data in signature_regressions():
+        seeds.add("signatures", data, f"regression-{label}")
+
+
 # -- the cache -----------------------------------------------------------------------------
 
 
@@ -508,6 +780,7 @@ def ensure(force: bool = False, log: Any = print) -> dict[str, int]:
                 gen_lazy(new, work / "lazy", tars)
                 gen_tar(new, work / "tar", tars)
                 gen_remote(new, work / "remote", tars)
+                gen_signatures(new, work / "signatures")
                 missing = [t for t in TARGETS if not new.count.get(t)]
                 if missing:
                     raise RuntimeError(f"no seeds made for {', '.join(missing)}")
