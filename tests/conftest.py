@@ -12,6 +12,7 @@ their scope.
 """
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,17 @@ def token_registry(tmp_path_factory) -> Iterator[Registry]:
     yield reg
     reg.stop()
     server.stop()
+
+
+@pytest.fixture
+def no_mounts_left(tmp_path) -> Iterator[None]:
+    """A failed test must not leave mounts under its directory (lazy-unmounted, deepest
+    first); modules that mount use it with pytest.mark.usefixtures."""
+    yield
+    for line in reversed(open("/proc/self/mountinfo").read().splitlines()):
+        point = line.split(" ")[4]
+        if point.startswith(str(tmp_path)):
+            subprocess.run(["umount", "-l", point], check=False)
 
 
 # -- the driver ------------------------------------------------------------------------

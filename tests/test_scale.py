@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 import threading
 import time
 from collections import Counter
@@ -79,17 +78,6 @@ def mounts_under(root: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         points = [line.split(" ")[4] for line in f]
     return [p for p in points if p == prefix or p.startswith(prefix + "/")]
-
-
-def blob_gets(registry: Registry, repo: str) -> Counter[str]:
-    """digest -> GETs of that blob by csi-oci, from the registry's access log."""
-    pattern = re.compile(rf'"GET /v2/{re.escape(repo)}/blobs/(sha256:[0-9a-f]{{64}}) ')
-    counts: Counter[str] = Counter()
-    for line in registry.log_text().splitlines():
-        match = pattern.search(line)
-        if match and '"csi-oci/' in line:
-            counts[match.group(1)] += 1
-    return counts
 
 
 def pulls_succeeded(port: int) -> float:
@@ -164,8 +152,8 @@ def test_fifty_concurrent_publishes_of_an_uncached_image_pull_once(make_driver, 
 
     # One download of each blob (layers and config), whatever the concurrency.
     wanted = {layer.digest for layer in layers} | {image.config_digest}
-    settled(lambda: sum(blob_gets(registry, "scale/fifty").values()), len(wanted))
-    assert blob_gets(registry, "scale/fifty") == Counter(dict.fromkeys(wanted, 1))
+    settled(lambda: sum(registry.blob_gets("scale/fifty").values()), len(wanted))
+    assert registry.blob_gets("scale/fifty") == Counter(dict.fromkeys(wanted, 1))
     assert pulls_succeeded(driver.metrics_port) - pulls_before == 1
     assert store_trees(driver) == [image.manifest_digest.removeprefix("sha256:")]
     assert len(mounts_under(root)) == CONCURRENT_VOLUMES
@@ -184,7 +172,7 @@ def test_fifty_concurrent_publishes_of_an_uncached_image_pull_once(make_driver, 
         "50 concurrent volumes",
         publish_s=f"{publish_seconds:.2f}",
         unpublish_s=f"{unpublish_seconds:.2f}",
-        blob_gets=sum(blob_gets(registry, "scale/fifty").values()),
+        blob_gets=sum(registry.blob_gets("scale/fifty").values()),
         blobs=len(wanted),
     )
 
@@ -455,8 +443,8 @@ def test_a_200_layer_image_publishes_its_exact_final_tree(make_driver, registry,
     try:
         assert file_digests(target) == expected
         wanted = {layer.digest for layer in layers} | {image.config_digest}
-        settled(lambda: sum(blob_gets(registry, "scale/deep").values()), len(wanted))
-        assert blob_gets(registry, "scale/deep") == Counter(dict.fromkeys(wanted, 1))
+        settled(lambda: sum(registry.blob_gets("scale/deep").values()), len(wanted))
+        assert registry.blob_gets("scale/deep") == Counter(dict.fromkeys(wanted, 1))
     finally:
         driver.unpublish(target, volume_id="deep")
     assert not target.exists()
@@ -493,5 +481,5 @@ def test_a_publish_that_missed_the_tree_by_a_moment_joins_the_finished_pull(regi
     again = puller.job_for(resolved, spec.platform).wait(60)  # the late publish asks
     assert again == first
     wanted = {layer.digest for layer in layers} | {image.config_digest}
-    settled(lambda: sum(blob_gets(registry, "scale/window").values()), len(wanted) + 1, 2)
-    assert blob_gets(registry, "scale/window") == Counter(dict.fromkeys(wanted, 1))
+    settled(lambda: sum(registry.blob_gets("scale/window").values()), len(wanted) + 1, 2)
+    assert registry.blob_gets("scale/window") == Counter(dict.fromkeys(wanted, 1))

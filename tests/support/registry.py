@@ -45,8 +45,9 @@ import tempfile
 import time
 import warnings
 import weakref
+from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import requests
 import urllib3
@@ -133,7 +134,52 @@ DEFAULT: Any = _Default()
 """Sentinel: "use the registry's own test credentials"."""
 
 
-class Registry:
+class RegistryProcess:
+    """What every test registry shares: its process (stopped by a finalizer, also at
+    interpreter exit), its temporary directory, and its access log as csi-oci saw it."""
+
+    _finalizer: Any = None
+    _proc: subprocess.Popen[bytes] | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+    log_path: Path
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def blob_gets(self, repo: str) -> Counter[str]:
+        """digest -> GETs of that blob by csi-oci (its User-Agent), from the access log."""
+        pattern = re.compile(rf'"GET /v2/{re.escape(repo)}/blobs/(sha256:[0-9a-f]{{64}}) ')
+        counts: Counter[str] = Counter()
+        for line in self.log_text().splitlines():
+            match = pattern.search(line)
+            if match and '"csi-oci/' in line:
+                counts[match.group(1)] += 1
+        return counts
+
+    def stop(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Registry(RegistryProcess):
     """A ``docker-registry serve`` process on 127.0.0.1 with filesystem storage.
 
     Starts in the constructor and returns once ``GET /v2/`` answers (200 or
@@ -327,12 +373,6 @@ class Registry:
             return False
         return resp.status_code in (200, 401)
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def blob_bytes_sent(self, repo: str) -> int:
         """Blob bytes this registry sent csi-oci from `repo` (200/206 lines of its
         access log): what a pull or a lazy read really cost on the wire."""
@@ -346,25 +386,6 @@ class Registry:
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-            self._finalizer = None
-        self._proc = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         kind = "token" if self.token_server else "htpasswd" if self.htpasswd else "anonymous"

@@ -121,6 +121,7 @@ from .producers import (
 from .registry import (
     ACCEPT_MANIFESTS,
     Registry,
+    RegistryProcess,
     RegistryStartError,
     free_port,
 )
@@ -509,7 +510,7 @@ def _stop_proc(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
     log.close()
 
 
-class OlaregRegistry:
+class OlaregRegistry(RegistryProcess):
     """``olareg serve`` on 127.0.0.1 (plain HTTP, anonymous, push enabled).
 
     olareg 0.1.2 implements the OCI 1.1 referrers API
@@ -604,31 +605,6 @@ class OlaregRegistry:
                 self._finalizer()
                 raise RegistryStartError(f"olareg did not answer on {self.url}/v2/ in {timeout}s")
             time.sleep(0.05)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-            self._finalizer = None
-        self._proc = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __enter__(self) -> OlaregRegistry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<OlaregRegistry {self.url}>"
