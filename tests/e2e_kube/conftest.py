@@ -74,6 +74,8 @@ def flaky(registry: Registry, node_ip: str) -> Iterator[Forwarder]:
     fwd.stop()
 
 
+CACHE_MAX_BYTES = "256Mi"
+
 # The e2e signature policy: one rule, for the anon registry's signed/ repositories only.
 SIGNED_RULE = "e2e-signed"
 SIGNED_KEY_FILE = "e2e-release.pub"
@@ -142,6 +144,9 @@ def _render_chart(hosts: list[str], workdir: Path, signatures: SignaturePolicy) 
         "namespace": {"create": True},
         "registries": {"hosts": {host: {"insecure": True} for host in hosts}},
         "signatures": {"policy": signatures.policy, "files": signatures.files},
+        # A cache budget the scenarios fit in with room to spare, small enough for
+        # test_prewarm's "cannot fit" case to reach it with two 150 MiB models.
+        "cache": {"maxBytes": CACHE_MAX_BYTES},
     }
     values_file = workdir / "values.json"
     values_file.write_text(json.dumps(values))

@@ -135,11 +135,18 @@ def test_static_pv_pvc_pod_reads_every_file(model, anon: Forwarder) -> None:
             "static", {"persistentVolumeClaim": {"claimName": "static-tiny", "readOnly": True}}
         ),
     )
-    wait_running("static")
-    assert sha256_tree("static", "/models") == expected
-    # Read-only inside the pod, whatever the container asks.
-    out = exec_pod("static", "touch /models/x 2>&1; echo rc=$?")
-    assert "Read-only file system" in out and "rc=1" in out
+    try:
+        wait_running("static")
+        assert sha256_tree("static", "/models") == expected
+        # Read-only inside the pod, whatever the container asks.
+        out = exec_pod("static", "touch /models/x 2>&1; echo rc=$?")
+        assert "Read-only file system" in out and "rc=1" in out
+    finally:
+        # A PV's attributes are immutable: a later run on the same cluster (a new
+        # forwarder port) must be able to create it again.
+        delete("pod", "static")
+        delete("pvc", "static-tiny")
+        delete("pv", "e2e-static-tiny", ns=None)
 
 
 def test_inline_ephemeral_volume(model, anon: Forwarder) -> None:
