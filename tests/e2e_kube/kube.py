@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import requests
+
 REPO = Path(__file__).resolve().parents[2]
 # The cluster's own kubectl (hack/e2e-kube sets it per E2E_KUBE_VERSION).
 KUBECTL = os.environ.get("E2E_KUBE_KUBECTL", str(REPO / ".cache" / "e2e-kube" / "bin" / "kubectl"))
@@ -180,6 +182,23 @@ def host_mounts_under(prefix: str) -> list[str]:
         if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
             points.append(point)
     return points
+
+
+def metrics(labels: str = "") -> dict[str, float]:
+    """The node plugin's /metrics, summed per metric name over the samples whose
+    labels contain ``labels`` (e.g. 'phase="Ready"'); the other labels dropped."""
+    ip = node_pod()["status"]["podIP"]
+    text = requests.get(f"http://{ip}:9808/metrics", timeout=10).text
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        if labels and labels not in name_labels:
+            continue
+        name = name_labels.split("{", 1)[0]
+        sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
 
 
 def names(items: Iterable[dict[str, Any]]) -> list[str]:

@@ -126,6 +126,14 @@ def test_prewarm_pulls_before_any_pod_then_the_pod_publishes_from_the_node(
     # Before any pod: the tree is in the store and pinned; each blob fetched once.
     assert (STORE / digest.removeprefix("sha256:") / "rootfs").is_dir()
     assert pins().get("imagecache/llm") == [digest]
+    wait_until(  # /metrics serves a snapshot refreshed every few seconds
+        "csi_oci_prewarm_entries{phase=Ready} and pinned bytes",
+        lambda: (
+            kube.metrics('phase="Ready"').get("csi_oci_prewarm_entries", 0) >= 1
+            and kube.metrics().get("csi_oci_prewarm_pinned_bytes", 0) >= 24 * 2**20
+        ),
+        30,
+    )
     fetched = registry.blob_gets(repo)
     assert fetched and set(fetched.values()) == {1}, fetched
     # The controller's summary, as kubectl get prints it.

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.support.images import File, Image, Layer, push_image
 from tests.support.lazyfixtures import estargz_blob, make_layer_tar, push_lazy_image
@@ -58,20 +57,6 @@ def push_model(registry: Registry, repo_tag: str, files: dict[str, bytes], tmp: 
 
 def ref(fwd: Forwarder, repo_tag: str) -> str:
     return f"{fwd.host}/{repo_tag}"
-
-
-def metrics() -> dict[str, float]:
-    """The node plugin's /metrics, summed per metric name (labels dropped)."""
-    ip = kube.node_pod()["status"]["podIP"]
-    text = requests.get(f"http://{ip}:9808/metrics", timeout=10).text
-    sums: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        sums[name] = sums.get(name, 0.0) + float(value)
-    return sums
 
 
 def volume_mount_path(pod: str, volume: str = "model") -> str:
@@ -197,7 +182,7 @@ def test_dynamic_pvc_from_storageclass(model, anon: Forwarder) -> None:
 def test_two_pods_one_image_one_pull(registry: Registry, anon: Forwarder, tmp_path: Path) -> None:
     files = model_files("shared")
     digest = push_model(registry, "models/shared:v1", files, tmp_path)
-    before = metrics().get("csi_oci_pulls_total", 0.0)
+    before = kube.metrics().get("csi_oci_pulls_total", 0.0)
     volume = inline({"image": ref(anon, "models/shared:v1")})
     apply(reader_pod("shared-a", volume), reader_pod("shared-b", volume))
     wait_running("shared-a")
@@ -205,7 +190,7 @@ def test_two_pods_one_image_one_pull(registry: Registry, anon: Forwarder, tmp_pa
     expected = {name: _sha(data) for name, data in files.items()}
     assert sha256_tree("shared-a", "/models") == expected
     assert sha256_tree("shared-b", "/models") == expected
-    assert metrics().get("csi_oci_pulls_total", 0.0) - before == 1
+    assert kube.metrics().get("csi_oci_pulls_total", 0.0) - before == 1
     # One tree in the host's store for the image, bind-mounted into both pods.
     assert (STORE / digest.removeprefix("sha256:") / "rootfs").is_dir()
 
@@ -237,7 +222,7 @@ def test_estargz_image_lazy_mode(registry: Registry, anon: Forwarder, tmp_path: 
     assert fstypes and all(t.startswith("fuse") for t in fstypes), fstypes
     kube.wait_until(  # /metrics serves a snapshot refreshed every few seconds
         "csi_oci_volumes_published counts the volume",
-        lambda: metrics().get("csi_oci_volumes_published", 0) >= 1,
+        lambda: kube.metrics().get("csi_oci_volumes_published", 0) >= 1,
         20,
     )
 
@@ -309,7 +294,7 @@ def test_delete_pod_unmounts_and_cleans_target_store_keeps_image(model, anon: Fo
     assert set(os.listdir(STORE)) == store_trees
     kube.wait_until(  # a snapshot, refreshed every few seconds
         "csi_oci_store_images counts the tree",
-        lambda: metrics().get("csi_oci_store_images", 0) >= 1,
+        lambda: kube.metrics().get("csi_oci_store_images", 0) >= 1,
         20,
     )
 
