@@ -89,6 +89,7 @@ class Warm:
     reported: dict[str, Any] | None = None
     reported_at: float = 0.0
     lazy_key: str = ""  # a lazy server this cache holds
+    leftover: bool = False  # a status entry or pin from before this driver started
     generation: int = field(default=0)
 
     @property
@@ -214,7 +215,12 @@ class Prewarmer:
             return name
         warm = self.warm.get(name)
         if warm is None:
-            self.warm[name] = Warm(spec, generation=spec.generation)
+            warm = self.warm[name] = Warm(spec, generation=spec.generation)
+            # Left by an earlier driver on this node: cleaned up if the cache no
+            # longer selects it (labels changed while the driver was down).
+            warm.leftover = self._has_entry(obj) or bool(
+                self.store.space.held.owned().get(warm.owner)
+            )
         elif warm.spec != spec:
             if spec.uid != warm.spec.uid:  # deleted and made again under the same name
                 self._forget(name)
@@ -225,6 +231,13 @@ class Prewarmer:
                 warm.retry_at = 0.0
                 warm.backoff = RETRY_FIRST
         return name
+
+    def _has_entry(self, obj: dict[str, Any]) -> bool:
+        status = obj.get("status")
+        entries = status.get("nodes") if isinstance(status, dict) else None
+        return isinstance(entries, list) and any(
+            isinstance(e, dict) and e.get("node") == self.node for e in entries
+        )
 
     def _forget(self, name: str) -> None:
         warm = self.warm.pop(name, None)
@@ -243,7 +256,7 @@ class Prewarmer:
         assert self.labels is not None
         selected = warm.spec.selector.matches(self.labels)
         if not selected:
-            if warm.selected:
+            if warm.selected or warm.leftover:
                 log.info("pre-warm: %s no longer selects node %s", warm.spec.name, self.node)
                 self._release(warm)
                 fresh = Warm(warm.spec, generation=warm.spec.generation)
