@@ -363,7 +363,7 @@ def test_resource_names_must_stay_in_tree(tmp_path: Path, keys: tuple[Path, Path
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from csi_oci.verify.models import pae
+    from csi_oci.verify.bundle import Envelope
 
     model = _make_model(tmp_path)
     bundle = json.loads(_sign_key(model, keys[0], model / "model.sig"))
@@ -372,7 +372,8 @@ def test_resource_names_must_stay_in_tree(tmp_path: Path, keys: tuple[Path, Path
     payload = json.dumps(statement).encode()
     key = serialization.load_pem_private_key(keys[0].read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    sig = key.sign(pae("application/vnd.in-toto+json", payload), ec.ECDSA(hashes.SHA256()))
+    pae = Envelope("application/vnd.in-toto+json", payload, ()).pae()
+    sig = key.sign(pae, ec.ECDSA(hashes.SHA256()))
     bundle["dsseEnvelope"]["payload"] = base64.b64encode(payload).decode()
     bundle["dsseEnvelope"]["signatures"] = [{"sig": base64.b64encode(sig).decode()}]
     exc = _rejected(model, json.dumps(bundle).encode(), _key_rule(keys[1]))

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from csi_oci.verify.policy import Requirement
 from csi_oci.verify.trust import (
@@ -40,6 +42,7 @@ from csi_oci.verify.trust import (
     RANK_UNTRUSTED,
     CertificateIdentity,
     CertTrust,
+    KeyTrust,
     SignatureRejected,
     Verified,
     checked_key,
@@ -49,6 +52,7 @@ from csi_oci.verify.trust import (
 
 MAX_BUNDLE_BYTES = 4 * 1024 * 1024
 MAX_STATEMENT_SUBJECTS = 1024
+MAX_SIGNATURES = 8  # DSSE allows several; the signers here write one
 IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 MODEL_SIGNING_PREDICATE = "https://model_signing/signature/"
 
@@ -75,6 +79,7 @@ class Bundle:
     message_digest: bytes | None  # messageSignature: sha256 of the signed bytes
     message_signature: bytes | None
     raw: dict[str, Any]
+    key_hint: str = ""  # verificationMaterial.publicKey.hint of a key-signed bundle
 
 
 def _b64(value: object, where: str) -> bytes:
@@ -110,8 +115,8 @@ def parse_bundle(data: bytes) -> Bundle:
         raise SignatureRejected(f"bundle of {len(data)} bytes is too large", RANK_MALFORMED)
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SignatureRejected(f"bundle is not JSON ({exc})", RANK_MALFORMED) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise SignatureRejected(f"bundle is not JSON ({str(exc)[:80]})", RANK_MALFORMED) from None
     doc = _obj(doc, "")
     media_type = doc.get("mediaType")
     if not isinstance(media_type, str) or not media_type.startswith(
@@ -138,7 +143,7 @@ def parse_bundle(data: bytes) -> Bundle:
     if "dsseEnvelope" in doc:
         env = _obj(doc["dsseEnvelope"], "dsseEnvelope")
         sigs = env.get("signatures")
-        if not isinstance(sigs, list) or not sigs or len(sigs) > 8:
+        if not isinstance(sigs, list) or not sigs or len(sigs) > MAX_SIGNATURES:
             raise SignatureRejected("bundle DSSE envelope has no signatures", RANK_MALFORMED)
         payload_type = env.get("payloadType")
         if not isinstance(payload_type, str) or not _utf8(payload_type):
@@ -161,7 +166,16 @@ def parse_bundle(data: bytes) -> Bundle:
         raise SignatureRejected(
             "bundle has neither a DSSE envelope nor a message signature", RANK_MALFORMED
         )
-    return Bundle(media_type, tuple(certs), envelope, message_digest, message_signature, doc)
+    hint = _obj(material.get("publicKey", {}), "publicKey").get("hint") or ""
+    return Bundle(
+        media_type,
+        tuple(certs),
+        envelope,
+        message_digest,
+        message_signature,
+        doc,
+        hint if isinstance(hint, str) else "",
+    )
 
 
 def statement_of(envelope: Envelope) -> dict[str, Any]:
@@ -231,38 +245,77 @@ def verify_image_bundle(
     if requirement.trusted_root is not None and parsed.certificates:
         identity = _verify_with_trusted_root(parsed, requirement)
         return Verified("cosign", identity.short(), digest, source)
+    return Verified(
+        "cosign", authenticate(parsed, requirement, "the Sigstore bundle"), digest, source
+    )
+
+
+def authenticate(parsed: Bundle, requirement: Requirement, what: str) -> str:
+    """The signer's name (the key's, or the certificate identity's) when the bundle
+    is signed by what `requirement` trusts, checked with its keys or roots (no
+    trusted root); SignatureRejected saying why not. `what` names the bundle in
+    messages ("the Sigstore bundle", "model signature")."""
     if not parsed.certificates:
         if requirement.keys is None:
+            roots = ", ".join(requirement.certs.names) if requirement.certs else "(none)"
             raise SignatureRejected(
-                "a Sigstore bundle signed with a key, where the rule wants a certificate",
+                f"{what} is signed with a bare key, but the rule trusts only certificates "
+                f"under {roots}",
                 RANK_UNTRUSTED,
             )
         for name, key in requirement.keys.keys:
             if _signature_verifies_with(key, parsed):
-                return Verified("cosign", name, digest, source)
+                return name
+        hinted = _key_by_hint(requirement.keys, parsed.key_hint)
+        if hinted is not None:
+            # The bundle names one of our keys, yet no signature verifies: the
+            # content or the signature was changed after signing.
+            raise SignatureRejected(
+                f"{what} by key {hinted} does not verify (the bundle was altered)",
+                RANK_BAD_SIGNATURE,
+            )
         raise SignatureRejected(
-            f"signed, but by an unknown key (the Sigstore bundle verifies with none of "
-            f"{requirement.keys.describe()}; or its content was altered)",
+            f"{what} is signed, but by an unknown key"
+            + (f" (public key hash {parsed.key_hint[:16]})" if parsed.key_hint else "")
+            + f"; the rule trusts {requirement.keys.describe()}",
             RANK_UNTRUSTED,
         )
+    leaf, *intermediates = parsed.certificates
     if requirement.certs is None:
         raise SignatureRejected(
-            "a Sigstore bundle signed with a certificate, where the rule wants a key",
+            f"{what} is signed with a certificate ({CertificateIdentity.of(leaf).describe()}), "
+            f"but the rule trusts only keys "
+            f"({requirement.keys.describe() if requirement.keys else 'none'})",
             RANK_UNTRUSTED,
         )
-    leaf, chain = parsed.certificates[0], parsed.certificates[1:]
-    identity = requirement.certs.check(leaf, chain)
+    # Checked now, not at the leaf's notBefore: without a timestamp or a log
+    # entry nothing proves when the signature was made, so an expired leaf
+    # proves nothing either. Chain and identity come first, so a bad signature
+    # under a trusted identity ranks as such.
+    identity = requirement.certs.check(leaf, intermediates)
     try:
-        key = checked_key(leaf.public_key(), "bundle certificate")
+        key = checked_key(leaf.public_key(), "the signing certificate")
     except ValueError as exc:
-        raise SignatureRejected(str(exc), RANK_UNTRUSTED) from None
+        raise SignatureRejected(f"{what}: {exc}", RANK_UNTRUSTED) from None
     if not _signature_verifies_with(key, parsed):
         raise SignatureRejected(
-            f"a Sigstore bundle by {identity.describe()} does not verify: its content or "
-            "signature was altered",
+            f"{what} by {identity.short()} does not verify (the bundle was altered)",
             RANK_BAD_SIGNATURE,
         )
-    return Verified("cosign", identity.short(), digest, source)
+    return identity.short()
+
+
+def _key_by_hint(keys: KeyTrust, hint: str) -> str | None:
+    """The trusted key a bundle's hint names (model-signing: sha256 of its SPKI PEM)."""
+    if not hint:
+        return None
+    for name, key in keys.keys:
+        pem = key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if hashlib.sha256(pem).hexdigest() == hint.lower():
+            return name
+    return None
 
 
 class _RulePolicy:

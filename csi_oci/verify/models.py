@@ -30,8 +30,6 @@ reading gigabytes first.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -41,22 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography import x509
-
+from csi_oci.verify import bundle
+from csi_oci.verify.bundle import Bundle
 from csi_oci.verify.policy import Requirement
 from csi_oci.verify.trust import (
-    MAX_CERTS,
-    RANK_BAD_SIGNATURE,
     RANK_MALFORMED,
     RANK_OTHER_DIGEST,
-    RANK_UNTRUSTED,
-    CertificateIdentity,
-    KeyTrust,
     SignatureRejected,
     Verified,
-    checked_key,
-    load_der_certificate,
-    signature_verifies,
 )
 
 KIND = "model-signing"
@@ -93,17 +83,6 @@ DIGEST_BYTES: dict[HashName, int] = {"sha256": 32, "blake2": 64, "blake3": 32}
 
 
 @dataclass(frozen=True)
-class Envelope:
-    """What a model-signing bundle carries, decoded but not yet trusted."""
-
-    payload_type: str
-    payload: bytes
-    signatures: tuple[bytes, ...]
-    key_hint: str  # sha256 of the signer's PEM public key, for key-signed bundles
-    chain: tuple[x509.Certificate, ...]  # leaf first; empty when signed with a bare key
-
-
-@dataclass(frozen=True)
 class Serialization:
     """How the signer hashed the tree (the predicate's `serialization`)."""
 
@@ -133,167 +112,24 @@ def _malformed(text: str) -> SignatureRejected:
     return SignatureRejected(f"model signature: {text}", RANK_MALFORMED)
 
 
-def _b64(value: object, what: str) -> bytes:
-    """Protobuf JSON bytes: standard or URL-safe base64, padded or not."""
-    if not isinstance(value, str) or not value:
-        raise _malformed(f"{what} is not base64 text")
-    padded = value + "=" * (-len(value) % 4)
-    try:
-        if "-" in value or "_" in value:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError):
-        raise _malformed(f"{what} is not base64") from None
-
-
 def _table(value: object, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _malformed(f"{what} is missing or not an object")
     return value
 
 
-def parse_bundle(data: bytes) -> Envelope:
-    """The DSSE envelope and verification material of a model-signing bundle.
-
-    Read with json rather than model-signing's Signature.read (which wants a
-    path, and answers a bad bundle with KeyError or pydantic errors): the
-    bundle is a few fields, bounded here and explained one line at a time.
-    """
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise _malformed(f"bundle of {len(data)} bytes is larger than {MAX_BUNDLE_BYTES}")
+def parse_bundle(data: bytes) -> Bundle:
+    """A model-signing bundle: a Sigstore bundle (csi_oci.verify.bundle parses it,
+    bounded) whose content is a DSSE envelope of an in-toto statement."""
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise _malformed(f"not a Sigstore bundle (not JSON: {str(exc)[:80]})") from None
-    doc = _table(doc, "the bundle")
-    media = doc.get("mediaType")
-    if not isinstance(media, str) or not media.startswith(BUNDLE_MEDIA_PREFIX):
-        raise _malformed(f"not a Sigstore bundle (mediaType {str(media)[:80]!r})")
-    if "dsseEnvelope" not in doc:
+        parsed = bundle.parse_bundle(data)
+    except SignatureRejected as exc:
+        raise _malformed(str(exc)) from None
+    if parsed.envelope is None:
         raise _malformed("the bundle has no DSSE envelope (not written by model-signing)")
-    envelope = _table(doc["dsseEnvelope"], "dsseEnvelope")
-    payload_type = envelope.get("payloadType")
-    if payload_type != PAYLOAD_TYPE:
-        raise _malformed(f"payload type {str(payload_type)[:80]!r}, want {PAYLOAD_TYPE}")
-    raw_sigs = envelope.get("signatures")
-    if not isinstance(raw_sigs, list) or not 1 <= len(raw_sigs) <= MAX_SIGNATURES:
-        raise _malformed(f"the envelope needs 1 to {MAX_SIGNATURES} signatures")
-    signatures = tuple(_b64(_table(s, "a signature").get("sig"), "a signature") for s in raw_sigs)
-    material = _table(doc.get("verificationMaterial"), "verificationMaterial")
-    hint = _table(material.get("publicKey", {}), "publicKey").get("hint") or ""
-    return Envelope(
-        payload_type=payload_type,
-        payload=_b64(envelope.get("payload"), "the payload"),
-        signatures=signatures,
-        key_hint=hint if isinstance(hint, str) else "",
-        chain=_chain(material),
-    )
-
-
-def _chain(material: dict[str, Any]) -> tuple[x509.Certificate, ...]:
-    """The signing certificate and what the signer shipped above it (leaf first):
-    `x509CertificateChain` (model-signing's certificate signer) or a single
-    `certificate` (Sigstore bundle v0.3)."""
-    if "x509CertificateChain" in material:
-        entries = _table(material["x509CertificateChain"], "x509CertificateChain").get(
-            "certificates"
-        )
-        if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_CERTS:
-            raise _malformed(f"the certificate chain needs 1 to {MAX_CERTS} certificates")
-    elif "certificate" in material:
-        entries = [material["certificate"]]
-    else:
-        return ()
-    chain = []
-    for entry in entries:
-        der = _b64(_table(entry, "a certificate").get("rawBytes"), "a certificate")
-        try:
-            chain.append(load_der_certificate(der, "a certificate"))
-        except ValueError as exc:
-            raise _malformed(str(exc)) from None
-    return tuple(chain)
-
-
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE's pre-authentication encoding: the bytes the signature is over."""
-    kind = payload_type.encode()
-    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
-
-
-# -- who signed ------------------------------------------------------------------
-
-
-def authenticate(envelope: Envelope, requirement: Requirement) -> str:
-    """The signer's name (key name or certificate identity) when the envelope is
-    signed by what `requirement` trusts; SignatureRejected otherwise."""
-    signed = pae(envelope.payload_type, envelope.payload)
-    if envelope.chain:
-        return _by_certificate(envelope, signed, requirement)
-    if requirement.keys is None:
-        raise SignatureRejected(
-            "model signature is signed with a bare key, but the rule trusts only certificates"
-            f" under {', '.join(requirement.certs.names) if requirement.certs else '(none)'}",
-            RANK_UNTRUSTED,
-        )
-    for signature in envelope.signatures:
-        name = requirement.keys.find(signature, signed)
-        if name is not None:
-            return name
-    hinted = _key_by_hint(requirement.keys, envelope.key_hint)
-    if hinted is not None:
-        # The bundle names one of our keys, yet no signature verifies: the
-        # payload or the signature was changed after signing.
-        raise SignatureRejected(
-            f"model signature by key {hinted} does not verify (the bundle was altered)",
-            RANK_BAD_SIGNATURE,
-        )
-    raise SignatureRejected(
-        "model signature is signed, but by an unknown key"
-        + (f" (public key hash {envelope.key_hint[:16]})" if envelope.key_hint else "")
-        + f"; the rule trusts {requirement.keys.describe()}",
-        RANK_UNTRUSTED,
-    )
-
-
-def _key_by_hint(keys: KeyTrust, hint: str) -> str | None:
-    """The trusted key model-signing's hint names: sha256 of its SPKI PEM."""
-    from cryptography.hazmat.primitives import serialization
-
-    if not hint:
-        return None
-    for name, key in keys.keys:
-        pem = key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        if hashlib.sha256(pem).hexdigest() == hint.lower():
-            return name
-    return None
-
-
-def _by_certificate(envelope: Envelope, signed: bytes, requirement: Requirement) -> str:
-    leaf, *intermediates = envelope.chain
-    if requirement.certs is None:
-        raise SignatureRejected(
-            f"model signature is signed with a certificate "
-            f"({CertificateIdentity.of(leaf).describe()}), but the rule trusts only keys "
-            f"({requirement.keys.describe() if requirement.keys else 'none'})",
-            RANK_UNTRUSTED,
-        )
-    # Checked now, not at the leaf's notBefore as model-signing does: without a
-    # timestamp or a log entry nothing proves when the signature was made, so
-    # an expired leaf proves nothing either. Chain and identity come first, so
-    # a bad signature under a trusted identity ranks as such.
-    identity = requirement.certs.check(leaf, intermediates)
-    try:
-        key = checked_key(leaf.public_key(), "the signing certificate")
-    except ValueError as exc:
-        raise SignatureRejected(f"model signature: {exc}", RANK_UNTRUSTED) from None
-    if not any(signature_verifies(key, s, signed) for s in envelope.signatures):
-        raise SignatureRejected(
-            f"model signature by {identity.short()} does not verify (the bundle was altered)",
-            RANK_BAD_SIGNATURE,
-        )
-    return identity.short()
+    if parsed.envelope.payload_type != PAYLOAD_TYPE:
+        raise _malformed(f"payload type {parsed.envelope.payload_type[:80]!r}, want {PAYLOAD_TYPE}")
+    return parsed
 
 
 # -- what was signed -------------------------------------------------------------
@@ -639,14 +475,14 @@ def check_tree(
 
 def verify_model_tree(
     tree: Path,
-    bundle: bytes,
+    data: bytes,
     requirement: Requirement,
     *,
     source: str,
     signature_name: str = SIGNATURE_NAME,
     partial: bool = False,
 ) -> Verified:
-    """Whether `bundle` (a model-signing `model.sig`) is signed by what
+    """Whether `data` (a model-signing `model.sig` bundle) is signed by what
     `requirement` trusts and names exactly the files of `tree`.
 
     The signature is checked before the statement is read and before a byte of
@@ -654,13 +490,15 @@ def verify_model_tree(
     OSError from reading the tree is left to the caller: it is the node's
     problem, not the signature's.
     """
-    envelope = parse_bundle(bundle)
-    signer = authenticate(envelope, requirement)
-    statement = parse_statement(envelope.payload)
+    parsed = parse_bundle(data)
+    assert parsed.envelope is not None
+    signer = bundle.authenticate(parsed, requirement, "model signature")
+    payload = parsed.envelope.payload
+    statement = parse_statement(payload)
     check_tree(tree, statement, signature_name, partial=partial)
     return Verified(
         kind=KIND,
         signer=signer,
-        digest="sha256:" + hashlib.sha256(envelope.payload).hexdigest(),
+        digest="sha256:" + hashlib.sha256(payload).hexdigest(),
         source=source,
     )

@@ -415,10 +415,11 @@ def _bundles(data: bytes) -> None:
         pass
     bundle.is_model_signing(data)
     try:
-        envelope = models.parse_bundle(data)
+        parsed = models.parse_bundle(data)
     except SignatureRejected:
         return
-    models.pae(envelope.payload_type, envelope.payload)
+    assert parsed.envelope is not None
+    parsed.envelope.pae()
 
 
 def _certificates(data: bytes, trust: CertTrust) -> None:
