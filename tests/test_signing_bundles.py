@@ -135,3 +135,26 @@ def test_tampered_proofs_and_signatures_are_refused():
 def test_garbage_bundles_are_malformed_never_a_crash(data):
     err = rejected(data, requirement("sigstore", san=".*"), PUBLIC_DIGEST)
     assert err.rank == RANK_MALFORMED
+
+
+def test_json_nested_too_deeply_is_malformed_never_a_crash():
+    """A payload of `[[[[...` thousands deep stops json's parser with RecursionError:
+    a cosign payload, and a bundle's DSSE statement (read for every bundle a
+    registry lists, before any signature is checked), are refused, not crashed on."""
+    from csi_oci.verify import cosign
+
+    deep = b"[" * 50_000 + b"]" * 50_000
+    with pytest.raises(SignatureRejected) as err:
+        cosign.signed_digest(deep)
+    assert err.value.rank == RANK_MALFORMED
+    envelope = {"payloadType": "application/vnd.in-toto+json",
+                "payload": base64.b64encode(deep).decode(),
+                "signatures": [{"sig": base64.b64encode(b"x").decode()}]}  # fmt: skip
+    data = json.dumps({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {"publicKey": {"hint": ""}},
+        "dsseEnvelope": envelope,
+    }).encode()  # fmt: skip
+    assert bundle.is_model_signing(data) is False
+    err2 = rejected(data, requirement("sigstore", san=".*"), PUBLIC_DIGEST)
+    assert err2.rank == RANK_MALFORMED

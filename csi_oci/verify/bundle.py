@@ -187,7 +187,7 @@ def statement_of(envelope: Envelope) -> dict[str, Any]:
         )
     try:
         statement = json.loads(envelope.payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # [[[[… stops json
         raise SignatureRejected("bundle in-toto statement is not JSON", RANK_MALFORMED) from None
     return _obj(statement, "statement")
 

@@ -58,8 +58,8 @@ def signed_digest(payload: bytes) -> str:
         raise SignatureRejected(f"cosign payload of {len(payload)} bytes is too large")
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SignatureRejected(f"cosign payload is not JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # [[[[… stops json
+        raise SignatureRejected(f"cosign payload is not JSON ({str(exc)[:80]})") from None
     critical = doc.get("critical") if isinstance(doc, dict) else None
     image = critical.get("image") if isinstance(critical, dict) else None
     if not isinstance(critical, dict) or not isinstance(image, dict):
