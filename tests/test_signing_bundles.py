@@ -158,3 +158,40 @@ def test_json_nested_too_deeply_is_malformed_never_a_crash():
     assert bundle.is_model_signing(data) is False
     err2 = rejected(data, requirement("sigstore", san=".*"), PUBLIC_DIGEST)
     assert err2.rank == RANK_MALFORMED
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "supported", "failed"),
+    [
+        (404, b"", False, False),  # distribution 2.8: no such route
+        (405, b"", False, False),
+        (400, b"", False, True),  # plain HTTP: the registry speaks HTTPS, said
+        (200, b'{"schemaVersion": 2, "manifests": null}', True, False),  # olareg 0.1
+        (500, b"", False, True),  # an error, said in the denial
+        (200, b"[[[[", False, True),  # not an index
+    ],
+)
+def test_referrers_api_answers_are_classified(status, body, supported, failed):
+    """The referrers API: 404 and 405 mean a registry without it (the fallback tag is
+    read instead), `manifests: null` is an empty list, anything else is an
+    error that a denial names; never a crash."""
+    from csi_oci.oci.config import RegistryConfig
+    from csi_oci.oci.registry import RegistryClient
+    from csi_oci.spec.reference import parse_reference
+    from tests.support.hostile_server import HostileServer, Reply
+
+    server = HostileServer(lambda request: Reply(status, {}, body))
+    try:
+        client = RegistryClient(
+            parse_reference(f"{server.host}/models/m:v1"), config=RegistryConfig(max_attempts=1)
+        )
+        listed = client.get_referrers(PUBLIC_DIGEST)
+    finally:
+        server.stop()
+    if not supported and not failed:
+        assert listed is None
+        return
+    assert listed is not None
+    entries, errors = listed
+    assert entries == []
+    assert bool(errors) is failed

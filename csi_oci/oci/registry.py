@@ -91,6 +91,15 @@ class RangeNotSatisfiable(RegistryError):
     """HTTP 416: asked for bytes past the end of the blob."""
 
 
+class UnexpectedStatus(RegistryError):
+    """An HTTP status the call has no meaning for; `status` says which (the referrers
+    API's 400 and 405 mean a registry without it)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class _Session(requests.Session):
     """Default timeout (oras-py sets none), the endpoint's TLS settings and headers."""
 
@@ -419,10 +428,10 @@ class _Connection:
                 f"{self.name} answered HTTP {code} for {what}{suffix}", retry_after
             )
         if code == 400 and self.endpoint.base_url.startswith("http://"):
-            raise RegistryError(_https_hint(self.name, self.endpoint.host))
+            raise UnexpectedStatus(_https_hint(self.name, self.endpoint.host), code)
         if code == 416:
             raise RangeNotSatisfiable(f"{self.name} answered HTTP 416 for {what}")
-        raise RegistryError(f"{self.name} answered HTTP {code} for {what}{suffix}")
+        raise UnexpectedStatus(f"{self.name} answered HTTP {code} for {what}{suffix}", code)
 
 
 def _short(exc: BaseException) -> str:
@@ -617,9 +626,12 @@ class RegistryClient:
                 )
             except NotFound:
                 continue
+            except UnexpectedStatus as exc:
+                if exc.status in (400, 405):
+                    continue  # no referrers API here
+                failed.append(f"{conn.name}: {exc}")
+                continue
             except CsiOciError as exc:
-                if "HTTP 400" in str(exc) or "HTTP 405" in str(exc):
-                    continue
                 failed.append(f"{conn.name}: {exc}")
                 continue
             try:

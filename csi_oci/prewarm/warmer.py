@@ -90,6 +90,7 @@ class Warm:
     reported_at: float = 0.0
     lazy_key: str = ""  # a lazy server this cache holds
     leftover: bool = False  # a status entry or pin from before this driver started
+    own_bytes: int = 0  # what the ready tree holds on disk (the pinned-bytes metric)
     generation: int = field(default=0)
 
     @property
@@ -395,6 +396,7 @@ class Prewarmer:
         warm.digest, warm.key = resolved.digest, resolved.key
         warm.phase, warm.message = READY, ""
         warm.done_bytes = warm.total_bytes = record.unpacked_bytes if record else 0
+        warm.own_bytes = record.own_bytes if record else 0
         warm.backoff = RETRY_FIRST
         if previous and previous != resolved.digest:
             log.info("pre-warm: %s moved from %s to %s", spec.name, previous, resolved.digest)
@@ -514,9 +516,8 @@ class Prewarmer:
         for warm in self.warm.values():
             if warm.selected:
                 by_phase[warm.phase] += 1
-                if warm.phase == READY and warm.key and not warm.lazy_key:
-                    record = self.store.image(warm.key)
-                    pinned += record.own_bytes if record else 0
+                if warm.phase == READY and not warm.lazy_key:
+                    pinned += warm.own_bytes
         for phase, count in by_phase.items():
             instruments.PREWARM_ENTRIES.labels(phase).set(count)
         instruments.PREWARM_PINNED_BYTES.set(pinned)

@@ -55,6 +55,7 @@ from csi_oci.verify.trust import (
     SignatureRejected,
     load_certificates,
 )
+from tests.support.signing import key_usage
 
 from .common import scratch_root, split
 
@@ -102,20 +103,6 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 def _cert(name: str, issuer: str | None, serial: int) -> x509.Certificate:
     """root, intermediate (CA, issued by root) or leaf (code signing, by intermediate):
     the profile tests/support/signing.py's issue_ca/issue_leaf give, which cosign,
@@ -135,7 +122,7 @@ def _cert(name: str, issuer: str | None, serial: int) -> x509.Certificate:
             x509.BasicConstraints(ca=not leaf, path_length=None if leaf or not issuer else 0),
             critical=True,
         )
-        .add_extension(_usage(ca=not leaf), critical=True)
+        .add_extension(key_usage(ca=not leaf), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
     )
     if issuer is not None:

@@ -309,7 +309,7 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
 
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
+def key_usage(*, ca: bool) -> x509.KeyUsage:
     """digitalSignature for all; keyCertSign and cRLSign for a CA."""
     return x509.KeyUsage(
         digital_signature=True,
@@ -347,7 +347,7 @@ def issue_ca(
         .not_valid_before(not_before or now - _dt.timedelta(days=1))
         .not_valid_after(not_after or now + _dt.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key), critical=False)
     )
     if issuer is not None:
@@ -394,7 +394,7 @@ def issue_leaf(
         .not_valid_before(not_before or now - _dt.timedelta(hours=1))
         .not_valid_after(not_after or now + _dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(key_usage(ca=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key),
